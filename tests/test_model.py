@@ -1,0 +1,146 @@
+"""The trunk against a direct transcription of the original's padded forward (reference/uniter.md 1.2-1.7)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uniter_fast.data.packing import pack_batch
+from uniter_fast.kernels.reference import attention_probs_ref, varlen_attention_ref
+from uniter_fast.model import UniterForPretraining, UniterModel
+from helpers import random_samples, tiny_config
+
+
+def original_forward(model: UniterModel, texts, regions, img_masks=None) -> list[torch.Tensor]:
+    """The original's computation: padded text and image embeddings, compacted with gather_index, additive -10000
+    key mask, explicit softmax attention, post-LN layers. Returns each sample's (L_b, H) outputs."""
+    B = len(texts)
+    H = model.config.hidden_size
+    tl = [len(t) for t in texts]
+    nb = [0 if r is None else r[0].shape[0] for r in regions]
+    max_tl, max_nb = max(tl), max(max(nb), 1)
+    ids = torch.zeros(B, max_tl, dtype=torch.long)
+    feat = torch.zeros(B, max_nb, model.config.img_dim)
+    pos = torch.zeros(B, max_nb, 7)
+    masks = torch.zeros(B, max_nb, dtype=torch.long)
+    for b in range(B):
+        ids[b, :tl[b]] = texts[b]
+        if nb[b]:
+            feat[b, :nb[b]] = regions[b][0]
+            bb = regions[b][1]
+            pos[b, :nb[b]] = torch.cat([bb, bb[:, 4:5] * bb[:, 5:6]], 1)
+            if img_masks is not None:
+                masks[b, :nb[b]] = torch.as_tensor(img_masks[b]).long()
+    e = model.embeddings
+    position_ids = torch.arange(max_tl)[None].expand(B, -1)
+    txt = e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(position_ids)
+                      + e.token_type_embeddings(torch.zeros_like(ids)))
+    ie = model.img_embeddings
+    mask_table = ie.mask_embedding.weight.clone()
+    mask_table[0] = 0
+    feat = feat + mask_table[masks]
+    img = ie.LayerNorm(ie.img_layer_norm(ie.img_linear(feat)) + ie.pos_layer_norm(ie.pos_linear(pos))
+                       + e.token_type_embeddings(torch.ones(B, max_nb, dtype=torch.long)))
+    out_size = max(t + n for t, n in zip(tl, nb))
+    gather = torch.arange(out_size)[None].repeat(B, 1)
+    for b in range(B):
+        gather[b, tl[b]:tl[b] + nb[b]] = torch.arange(max_tl, max_tl + nb[b])
+    seq = torch.gather(torch.cat([txt, img], 1), 1, gather[..., None].expand(-1, -1, H))
+    attn_mask = torch.zeros(B, out_size)
+    for b in range(B):
+        attn_mask[b, :tl[b] + nb[b]] = 1
+    ext = (1.0 - attn_mask[:, None, None, :]) * -10000.0
+    heads, d = model.config.num_attention_heads, model.config.head_dim
+    x = seq
+    for layer in model.encoder.layer:
+        sa = layer.attention.self
+        split = lambda t: t.view(B, out_size, heads, d).transpose(1, 2)
+        scores = split(sa.query(x)) @ split(sa.key(x)).transpose(-1, -2) / math.sqrt(d) + ext
+        ctx = (scores.softmax(-1) @ split(sa.value(x))).transpose(1, 2).reshape(B, out_size, H)
+        x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
+        inter = F.gelu(layer.intermediate.dense(x))
+        x = layer.output.LayerNorm(layer.output.dense(inter) + x)
+    return [x[b, :tl[b] + nb[b]] for b in range(B)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_model_equals_original_padded_forward(seed):
+    config = tiny_config()
+    model = UniterModel(config).eval()
+    texts, regions = random_samples(5, seed=seed)
+    batch = pack_batch(texts, regions)
+    with torch.no_grad():
+        hidden = model(batch)
+        expected = original_forward(model, texts, regions)
+    assert hidden.shape == (batch.total_tokens, config.hidden_size)
+    for b, (t, r) in enumerate(batch.split(hidden)):
+        torch.testing.assert_close(torch.cat([t, r]), expected[b], atol=2e-5, rtol=1e-5)
+
+
+def test_masked_regions_get_the_learned_mask_feature():
+    config = tiny_config()
+    model = UniterModel(config).eval()
+    with torch.no_grad():
+        model.img_embeddings.mask_embedding.weight.normal_()
+    texts, regions = random_samples(3, seed=5, allow_empty_regions=False)
+    masks = [torch.rand(r[0].shape[0]) < 0.5 for r in regions]
+    batch = pack_batch(texts, regions, img_masks=masks)
+    with torch.no_grad():
+        hidden = model(batch)
+        expected = original_forward(model, texts, regions, img_masks=masks)
+    for b, (t, r) in enumerate(batch.split(hidden)):
+        torch.testing.assert_close(torch.cat([t, r]), expected[b], atol=2e-5, rtol=1e-5)
+
+
+def test_samples_do_not_see_each_other():
+    model = UniterModel(tiny_config()).eval()
+    texts, regions = random_samples(4, seed=6)
+    with torch.no_grad():
+        together = pack_batch(texts, regions)
+        joint = together.split(model(together))
+        for b in range(4):
+            alone = pack_batch([texts[b]], [regions[b]])
+            (t, r), = alone.split(model(alone))
+            torch.testing.assert_close(torch.cat(joint[b]), torch.cat([t, r]), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_attention_matches_explicit_softmax_with_empty_and_single_samples():
+    lens = [3, 0, 1, 5, 0, 2]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lens), 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = varlen_attention_ref(q, k, v, cu, max(lens))
+    probs = attention_probs_ref(q, k, cu)
+    for b, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        expected = torch.einsum("hqk,khd->qhd", probs[b], v[lo:hi])
+        torch.testing.assert_close(out[lo:hi], expected)
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_pooler_reads_the_cls_row():
+    model = UniterModel(tiny_config()).eval()
+    texts, regions = random_samples(3, seed=7)
+    batch = pack_batch(texts, regions)
+    with torch.no_grad():
+        hidden = model(batch)
+        pooled = model.pool(hidden, batch)
+    for b, (t, _) in enumerate(batch.split(hidden)):
+        torch.testing.assert_close(pooled[b], torch.tanh(model.pooler.dense(t[0])))
+
+
+def test_ties_and_key_layout():
+    model = UniterForPretraining(tiny_config())
+    assert model.cls.predictions.decoder.weight is model.uniter.embeddings.word_embeddings.weight
+    assert model.feat_regress.weight is model.uniter.img_embeddings.img_linear.weight
+    keys = set(model.state_dict())
+    assert {"cls.predictions.decoder.weight", "feat_regress.weight", "uniter.embeddings.word_embeddings.weight",
+            "uniter.img_embeddings.mask_embedding.weight", "region_classifier.net.3.weight",
+            "itm_output.bias"} <= keys
+    assert model.uniter.img_embeddings.mask_embedding.weight[0].eq(0).all()
+
+
+def test_text_longer_than_positions_is_refused():
+    model = UniterModel(tiny_config(max_position_embeddings=8))
+    batch = pack_batch([torch.arange(9)], [None])
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model(batch)

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+from uniter_fast.data.packing import box7, pack_batch
+from helpers import random_samples
+
+
+def test_round_trip_restores_every_token_and_region():
+    texts, regions = random_samples(6, seed=1)
+    batch = pack_batch(texts, regions)
+    # a "hidden state" that is the input itself: ids in column 0 for text rows, region features for region rows
+    hidden = torch.zeros(batch.total_tokens, 24)
+    hidden[batch.text_rows, 0] = batch.input_ids.float()
+    hidden[batch.region_rows] = batch.img_feat
+    for (text_out, region_out), ids, reg in zip(batch.split(hidden), texts, regions):
+        assert torch.equal(text_out[:, 0].long(), ids)
+        expected = reg[0] if reg is not None else torch.zeros(0, 24)
+        assert torch.equal(region_out, expected)
+
+
+def test_layout_is_text_then_regions_without_padding():
+    texts, regions = random_samples(5, seed=2)
+    batch = pack_batch(texts, regions)
+    lens = [len(t) + (0 if r is None else r[0].shape[0]) for t, r in zip(texts, regions)]
+    assert batch.cu_seqlens.tolist() == [0, *np.cumsum(lens).tolist()]
+    assert batch.total_tokens == sum(lens)
+    assert batch.max_seqlen == max(lens)
+    assert batch.cu_seqlens.dtype == torch.int32
+    # gather_index is a permutation of cat(text, regions)
+    assert sorted(batch.gather_index.tolist()) == list(range(batch.total_tokens))
+    start = 0
+    for b, t in enumerate(texts):
+        first = batch.cu_seqlens[b].item()
+        assert batch.text_rows[start:start + len(t)].tolist() == list(range(first, first + len(t)))
+        assert batch.position_ids[start:start + len(t)].tolist() == list(range(len(t)))
+        start += len(t)
+    assert torch.equal(batch.cls_rows, batch.cu_seqlens[:-1].long())
+    assert batch.token_type_ids.eq(0).all() and batch.img_type_ids.eq(1).all()
+
+
+def test_padded_views_match_per_sample_slices():
+    texts, regions = random_samples(4, seed=3)
+    batch = pack_batch(texts, regions)
+    hidden = torch.randn(batch.total_tokens, 5)
+    text_pad, region_pad = batch.pad_text(hidden), batch.pad_regions(hidden)
+    assert text_pad.shape == (4, batch.max_text_len, 5) and region_pad.shape == (4, batch.max_regions, 5)
+    for b, (t, r) in enumerate(batch.split(hidden)):
+        assert torch.equal(text_pad[b, :len(t)], t) and text_pad[b, len(t):].eq(0).all()
+        assert torch.equal(region_pad[b, :len(r)], r) and region_pad[b, len(r):].eq(0).all()
+
+
+def test_seven_dim_box_adds_area():
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6, 0.4, 0.4]])
+    assert torch.allclose(box7(boxes), torch.tensor([[0.1, 0.2, 0.5, 0.6, 0.4, 0.4, 0.16]]))
+    batch = pack_batch([torch.tensor([1, 2])], [(torch.zeros(1, 3), boxes)])
+    assert batch.img_pos.shape == (1, 7) and batch.img_pos[0, 6].item() == pytest.approx(0.16)
+
+
+def test_bad_inputs_name_the_sample():
+    with pytest.raises(ValueError, match="sample 1: boxes must have 6 or 7 columns"):
+        pack_batch([torch.tensor([1]), torch.tensor([1])], [None, (torch.zeros(2, 4), torch.zeros(2, 5))])
+    with pytest.raises(ValueError, match="sample 0 has neither text nor regions"):
+        pack_batch([torch.tensor([], dtype=torch.long)], [None])
+    with pytest.raises(ValueError, match="sample 1: feature dim 5 differs"):
+        pack_batch([torch.tensor([1]), torch.tensor([1])],
+                   [(torch.zeros(1, 4), torch.zeros(1, 6)), (torch.zeros(1, 5), torch.zeros(1, 6))])
+    with pytest.raises(ValueError, match="2 texts but 1 region"):
+        pack_batch([torch.tensor([1]), torch.tensor([1])], [None])
+    with pytest.raises(ValueError, match="img_masks shape"):
+        pack_batch([torch.tensor([1])], [(torch.zeros(2, 4), torch.zeros(2, 6))], img_masks=[np.zeros(3, bool)])
+
+
+def test_to_moves_tensors_and_keeps_ints():
+    texts, regions = random_samples(2, seed=4)
+    batch = pack_batch(texts, regions).to("cpu")
+    assert isinstance(batch.max_seqlen, int) and batch.input_ids.device.type == "cpu"

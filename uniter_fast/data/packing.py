@@ -1,0 +1,191 @@
+"""The one batch representation: a packed batch.
+
+Every sample's text tokens, then its regions, concatenated with no padding; `cu_seqlens` marks the samples.
+This is the original's compact `gather_index` layout (text then regions, padding only at the end of a row)
+with the padding taken out, so any attention over it is the original's attention pattern.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from uniter_fast.kernels.reference import pad_rows
+
+IMG_DIM = 2048
+
+
+def box7(boxes: torch.Tensor) -> torch.Tensor:
+    """[x1, y1, x2, y2, w, h] -> [x1, y1, x2, y2, w, h, w*h], as the original computes at load time."""
+    return torch.cat([boxes, boxes[:, 4:5] * boxes[:, 5:6]], dim=1)
+
+
+@dataclass
+class PackedBatch:
+    """Model inputs of B samples; sample b is rows cu_seqlens[b] .. cu_seqlens[b+1] of the encoder's input."""
+
+    input_ids: torch.Tensor       # (total_text,) int64: every sample's [CLS] ... [SEP] tokens, concatenated
+    position_ids: torch.Tensor    # (total_text,) int64: 0 .. L_b-1 within each sample
+    token_type_ids: torch.Tensor  # (total_text,) int64: 0 unless a task says otherwise
+    img_feat: torch.Tensor        # (total_regions, img_dim) float (fp16 as stored, or fp32)
+    img_pos: torch.Tensor         # (total_regions, 7) float: [x1, y1, x2, y2, w, h, w*h]
+    img_type_ids: torch.Tensor    # (total_regions,) int64: 1 unless a task says otherwise
+    img_masks: torch.Tensor | None  # (total_regions,) bool: regions given the learned [MASK] feature
+    text_lens: torch.Tensor       # (B,) int32
+    region_lens: torch.Tensor     # (B,) int32
+    cu_seqlens: torch.Tensor      # (B+1,) int32
+    gather_index: torch.Tensor    # (total,) int64: packed row r = cat(text_embeddings, region_embeddings)[index[r]]
+    text_rows: torch.Tensor       # (total_text,) int64: the packed row of each text token
+    region_rows: torch.Tensor     # (total_regions,) int64: the packed row of each region
+    max_seqlen: int
+    max_text_len: int
+    max_regions: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.text_lens.shape[0]
+
+    @property
+    def total_tokens(self) -> int:
+        return self.gather_index.shape[0]
+
+    @property
+    def cls_rows(self) -> torch.Tensor:
+        """The packed row of each sample's first token ([CLS]): what the pooler reads."""
+        return self.cu_seqlens[:-1].long()
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=non_blocking)
+        return PackedBatch(**moved)
+
+    def pin_memory(self) -> "PackedBatch":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return PackedBatch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+    # reading outputs back --------------------------------------------------------------------------------------
+    def split(self, hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(total, H) -> per sample (text rows (L_b, H), region rows (n_b, H)). Host sync: for inspection only."""
+        out = []
+        for start, tl, nr in zip(self.cu_seqlens[:-1].tolist(), self.text_lens.tolist(), self.region_lens.tolist()):
+            out.append((hidden[start:start + tl], hidden[start + tl:start + tl + nr]))
+        return out
+
+    def pad_text(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(total, H) -> (B, max_text_len, H), zeros past each sample's text."""
+        return pad_rows(hidden, self.cu_seqlens[:-1], self.text_lens, self.max_text_len)
+
+    def pad_regions(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(total, H) -> (B, max_regions, H), zeros past each sample's regions."""
+        return pad_rows(hidden, self.cu_seqlens[:-1] + self.text_lens, self.region_lens, self.max_regions)
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def pack_batch(
+    text_ids: Sequence,
+    regions: Sequence,
+    *,
+    token_type_ids: Sequence | None = None,
+    img_type_ids: Sequence | None = None,
+    img_masks: Sequence | None = None,
+) -> PackedBatch:
+    """Pack B samples.
+
+    text_ids: per sample a 1-D sequence of token ids, [CLS] ... [SEP] included.
+    regions: per sample (features (n, img_dim), boxes (n, 6) or (n, 7)) or None for a text-only sample.
+    token_type_ids / img_type_ids / img_masks: optional per-sample sequences matching the text / regions.
+    """
+    if len(text_ids) != len(regions):
+        raise ValueError(f"pack_batch: {len(text_ids)} texts but {len(regions)} region entries")
+    if len(text_ids) == 0:
+        raise ValueError("pack_batch: the batch is empty")
+    batch = len(text_ids)
+    ids, feats, boxes, ttypes, itypes, masks = [], [], [], [], [], []
+    img_dim = None
+    for b in range(batch):
+        t = _as_tensor(text_ids[b]).long()
+        if t.dim() != 1:
+            raise ValueError(f"pack_batch: sample {b}: text ids must be 1-D, got shape {tuple(t.shape)}")
+        ids.append(t)
+        ttypes.append(torch.zeros_like(t) if token_type_ids is None else _as_tensor(token_type_ids[b]).long())
+        if ttypes[-1].shape != t.shape:
+            raise ValueError(f"pack_batch: sample {b}: token_type_ids shape {tuple(ttypes[-1].shape)} "
+                             f"does not match its text {tuple(t.shape)}")
+        if regions[b] is None:
+            f, bx = torch.zeros(0, img_dim or IMG_DIM), torch.zeros(0, 7)
+        else:
+            try:
+                f, bx = regions[b]
+            except (TypeError, ValueError):
+                raise ValueError(f"pack_batch: sample {b}: regions must be (features, boxes) or None") from None
+            f, bx = _as_tensor(f), _as_tensor(bx)
+            if f.dim() != 2 or bx.dim() != 2 or f.shape[0] != bx.shape[0]:
+                raise ValueError(f"pack_batch: sample {b}: features {tuple(f.shape)} and boxes {tuple(bx.shape)} "
+                                 "must be (n, img_dim) and (n, 6 or 7)")
+            if bx.shape[1] == 6:
+                bx = box7(bx.float())
+            elif bx.shape[1] != 7:
+                raise ValueError(f"pack_batch: sample {b}: boxes must have 6 or 7 columns, got {bx.shape[1]}")
+            if img_dim is not None and f.shape[1] != img_dim:
+                raise ValueError(f"pack_batch: sample {b}: feature dim {f.shape[1]} differs from earlier samples' {img_dim}")
+            img_dim = f.shape[1]
+        if t.shape[0] + f.shape[0] == 0:
+            raise ValueError(f"pack_batch: sample {b} has neither text nor regions")
+        feats.append(f)
+        boxes.append(bx.float())
+        n = f.shape[0]
+        itypes.append(torch.ones(n, dtype=torch.long) if img_type_ids is None else _as_tensor(img_type_ids[b]).long())
+        masks.append(None if img_masks is None else _as_tensor(img_masks[b]).bool())
+        for name, value in (("img_type_ids", itypes[-1]), ("img_masks", masks[-1])):
+            if value is not None and value.shape != (n,):
+                raise ValueError(f"pack_batch: sample {b}: {name} shape {tuple(value.shape)} does not match its {n} regions")
+    if img_dim is not None:  # text-only samples took the default width before the first image was seen
+        feats = [f if f.shape[1] == img_dim else f.new_zeros(0, img_dim) for f in feats]
+    feat_dtype = next((f.dtype for f in feats if f.shape[0]), torch.float32)
+
+    text_lens = torch.tensor([t.shape[0] for t in ids], dtype=torch.int32)
+    region_lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.int32)
+    seq_lens = text_lens + region_lens
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(seq_lens, 0)
+    total_text = int(text_lens.sum())
+    total_regions = int(region_lens.sum())
+
+    # where each text token and region lands in the packed sequence
+    sample_of_text = torch.repeat_interleave(torch.arange(batch), text_lens.long())
+    sample_of_region = torch.repeat_interleave(torch.arange(batch), region_lens.long())
+    text_start = torch.cumsum(text_lens, 0) - text_lens
+    region_start = torch.cumsum(region_lens, 0) - region_lens
+    text_rows = cu_seqlens[:-1].long()[sample_of_text] + (torch.arange(total_text) - text_start[sample_of_text])
+    region_rows = ((cu_seqlens[:-1] + text_lens).long()[sample_of_region]
+                   + (torch.arange(total_regions) - region_start[sample_of_region]))
+    gather_index = torch.empty(total_text + total_regions, dtype=torch.long)
+    gather_index[text_rows] = torch.arange(total_text)
+    gather_index[region_rows] = total_text + torch.arange(total_regions)
+
+    return PackedBatch(
+        input_ids=torch.cat(ids),
+        position_ids=torch.arange(total_text) - text_start.long()[sample_of_text],
+        token_type_ids=torch.cat(ttypes),
+        img_feat=torch.cat([f.to(feat_dtype) for f in feats]),
+        img_pos=torch.cat(boxes),
+        img_type_ids=torch.cat(itypes),
+        img_masks=None if img_masks is None else torch.cat(masks),
+        text_lens=text_lens,
+        region_lens=region_lens,
+        cu_seqlens=cu_seqlens,
+        gather_index=gather_index,
+        text_rows=text_rows,
+        region_rows=region_rows,
+        max_seqlen=int(seq_lens.max()),
+        max_text_len=int(text_lens.max()),
+        max_regions=int(region_lens.max()),
+    )

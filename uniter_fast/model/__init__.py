@@ -1,0 +1,5 @@
+"""UNITER model: embeddings, encoder and trunk over packed batches, pre-training heads, checkpoint loading."""
+from uniter_fast.model.pretrain import UniterForPretraining
+from uniter_fast.model.uniter import UniterModel
+
+__all__ = ["UniterModel", "UniterForPretraining"]
