@@ -1,0 +1,1 @@
+"""Evaluation: validation losses per task and zero-shot image-text retrieval."""
