@@ -24,7 +24,7 @@ def pad_rows(x: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, max_len:
     index = torch.where(valid, index, torch.zeros_like(index))
     if x.shape[0] == 0:  # nothing to gather from: every row is padding
         return x.new_zeros(lens.shape[0], max_len, *x.shape[1:])
-    out = x[index]
+    out = x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])  # backward: index_add, not index_put
     return out * valid.view(*valid.shape, *([1] * (x.dim() - 1))).to(out.dtype)
 
 

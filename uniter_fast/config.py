@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-# Keys a Hugging Face BERT config.json carries that mean nothing to UNITER (skipped when strict=False).
-_HF_ONLY_KEYS = {
-    "architectures", "model_type", "pad_token_id", "position_embedding_type", "use_cache", "classifier_dropout",
-    "transformers_version", "torch_dtype", "dtype", "gradient_checkpointing", "directionality", "pooler_fc_size",
-    "pooler_num_attention_heads", "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type",
-    "output_past", "is_decoder", "add_cross_attention", "tie_word_embeddings", "_name_or_path",
-}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,12 +103,15 @@ class UniterConfig:
     def from_dict(cls, data: dict, *, strict: bool = True, source: str = "config") -> "UniterConfig":
         """Build from the original's (or BERT's) field names.
 
-        strict: unknown keys raise; otherwise keys of Hugging Face's BERT config are skipped and others still raise.
+        strict: unknown keys raise, naming them; otherwise they are skipped (a Hugging Face BERT config.json carries
+        many keys that mean nothing to UNITER) and logged.
         """
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in data if k not in known and (strict or k not in _HF_ONLY_KEYS))
-        if unknown:
+        unknown = sorted(k for k in data if k not in known)
+        if unknown and strict:
             raise ValueError(f"{source}: unknown UNITER config keys {unknown}")
+        if unknown:
+            log.debug("%s: skipping keys UNITER does not use: %s", source, unknown)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod

@@ -1,0 +1,142 @@
+"""BERT WordPiece tokenizer, as UNITER uses it, over the Hugging Face `tokenizers` library.
+
+`encode` returns ids without [CLS]/[SEP], like the `input_ids` of the original text DB (reference/uniter.md
+4.3); the model's collate adds them. Cased by default, like UNITER's bert-base-cased.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)   # trained vocabularies put them at ids 0..4
+FIRST_REAL_TOKEN = "!"   # UNITER draws random replacement tokens from id('!') up to the vocabulary size
+
+
+def _bert_pipeline(model: models.Model, lowercase: bool) -> _HFTokenizer:
+    """BERT's normaliser, pre-tokenizer and decoder around a WordPiece model."""
+    tok = _HFTokenizer(model)
+    # bert-base-cased keeps accents; uncased BERT strips them along with case
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=lowercase, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    """A BERT vocab.txt: one token a line, id = line number."""
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab file {path} does not exist")
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if token in vocab:
+            raise ValueError(f"vocab file {path}: token {token!r} appears twice (lines {vocab[token] + 1} and {i + 1})")
+        vocab[token] = i
+    for token in SPECIAL_TOKENS + (FIRST_REAL_TOKEN,):
+        if token not in vocab:
+            raise ValueError(f"vocab file {path} lacks the token {token!r}")
+    return vocab
+
+
+class Tokenizer:
+    """WordPiece ids for UNITER: train one, read a BERT vocab.txt, or load a saved tokenizers JSON."""
+
+    def __init__(self, hf_tokenizer: _HFTokenizer, source: str = "tokenizer") -> None:
+        missing = [t for t in SPECIAL_TOKENS + (FIRST_REAL_TOKEN,) if hf_tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"{source} lacks the tokens {missing}")
+        hf_tokenizer.add_special_tokens(list(SPECIAL_TOKENS))   # already in the vocab: only stops them being split
+        self._tok = hf_tokenizer
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 1000, lowercase: bool = False) -> "Tokenizer":
+        """A WordPiece vocabulary of at most vocab_size ids learnt from texts; specials are ids 0..4."""
+        tok = _bert_pipeline(models.WordPiece(unk_token=UNK), lowercase)
+        # every printable ASCII character is a token, so '!' exists and no ASCII text hits [UNK]
+        alphabet = sorted(set(string.printable) - set(string.whitespace))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                            initial_alphabet=alphabet, show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_vocab_file(cls, path: str | Path, lowercase: bool = False) -> "Tokenizer":
+        """A BERT vocab.txt (e.g. bert-base-cased's): ids follow the file's lines."""
+        vocab = _read_vocab(Path(path))
+        return cls(_bert_pipeline(models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100), lowercase))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """A tokenizer written by `save` (the `tokenizers` JSON format)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return cls(_HFTokenizer.from_file(str(path)), source=f"tokenizer file {path}")
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+    # ---- ids -------------------------------------------------------------------------------------------------
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return self._tok.token_to_id(PAD)
+
+    @property
+    def unk_id(self) -> int:
+        return self._tok.token_to_id(UNK)
+
+    @property
+    def cls_id(self) -> int:
+        return self._tok.token_to_id(CLS)
+
+    @property
+    def sep_id(self) -> int:
+        return self._tok.token_to_id(SEP)
+
+    @property
+    def mask_id(self) -> int:
+        return self._tok.token_to_id(MASK)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_range(self) -> tuple[int, int]:
+        """[id of '!', vocab_size): where MLM draws random replacement tokens (the original's meta.json v_range)."""
+        return self._tok.token_to_id(FIRST_REAL_TOKEN), self.vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    # ---- text <-> ids ----------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """WordPiece ids without [CLS]/[SEP]."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tok.encode(text, add_special_tokens=False).tokens
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, vocab_range={self.vocab_range})"
