@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On a CUDA machine: the gpu-marked tests, every benchmark script, and a short bf16 pre-training run through
+# DeepSpeed, in under 6 minutes; logs go to $OUT (or ./gpu_check_logs).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_check_logs}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -m uniter_fast.cli env 2>&1 | tee "$out/env.log"
+timeout 150 python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
+for bench in benchmarks/bench_*.py; do
+    [ -e "$bench" ] || continue
+    name=$(basename "$bench" .py)
+    timeout 120 python "$bench" 2>&1 | tee "$out/$name.log"
+done
+cp benchmarks/results.csv "$out/" 2>/dev/null || true
+timeout 150 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 200 --no-progress \
+    --output-dir /tmp/gpu_check_pretrain 2>&1 | tail -40 | tee "$out/pretrain.log"

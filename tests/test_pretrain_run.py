@@ -1,0 +1,91 @@
+"""A tiny pre-training run through DeepSpeed (ZeRO-2, one CPU process): it writes its outputs and its losses fall."""
+import json
+
+import pytest
+import torch
+
+from uniter_fast.cli import main
+from uniter_fast.model import UniterForPretraining
+from uniter_fast.train.config import PretrainConfig
+from uniter_fast.train.engine import NO_DECAY, parameter_groups, warmup_linear
+
+
+def _small_config(tmp_path, **changes) -> PretrainConfig:
+    data = {
+        "model": {"preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                  "intermediate_size": 128}},
+        "data": {"world": {"num_train_images": 120, "num_val_images": 20, "captions_per_image": 3,
+                           "max_regions": 14}, "vocab_size": 200},
+        "eval": {"val_batches": 2, "retrieval_images": 10},
+        "train_batch_size": 800, "learning_rate": 2e-3, "warmup_steps": 10, "num_train_steps": 80,
+        "log_every": 5, "output_dir": str(tmp_path / "run"), **changes,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_run_learns_and_writes_its_outputs(tmp_path):
+    path = _small_config(tmp_path)
+    assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    history = json.loads((run / "history.json").read_text())
+    assert (run / "curves.png").stat().st_size > 10_000
+    for task in ("mlm", "itm", "mrfr", "mrckl"):
+        losses = [r["loss"] for r in history if r["task"] == task]
+        assert len(losses) >= 8, task
+        first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+        assert last < first, f"{task} loss did not fall: {first:.4f} -> {last:.4f}"
+    assert metrics["validation"]["mlm"]["acc"] > 5 * metrics["chance"]["mlm_acc"]
+    assert set(metrics["zero_shot_retrieval"]) == {f"{d}_r{k}" for d in ("ir", "tr") for k in (1, 5, 10)}
+    # the checkpoint is in the original key layout and loads back
+    state = torch.load(run / "ckpt" / "model_step_80.pt", weights_only=True)
+    assert "uniter.encoder.layer.1.output.LayerNorm.weight" in state and "itm_output.weight" in state
+    model = UniterForPretraining.from_pretrained(run / "ckpt" / "model_step_80.pt",
+                                                 run / "ckpt" / "config.json")
+    assert torch.equal(model.uniter.pooler.dense.weight, state["uniter.pooler.dense.weight"])
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"learning_rat": 1e-4}))
+    with pytest.raises(ValueError, match=r"bad\.json.*unknown keys \['learning_rat'\]"):
+        PretrainConfig.from_json(path)
+    path.write_text(json.dumps({"tasks": {"mlm": 1, "vqa": 1}}))
+    with pytest.raises(ValueError, match="unknown task 'vqa'"):
+        PretrainConfig.from_json(path)
+    path.write_text(json.dumps({"data": {"world": {"num_train_images": 0}}}))
+    with pytest.raises(ValueError, match=r"data: world.*num_train_images"):
+        PretrainConfig.from_json(path)
+
+
+def test_optimizer_groups_follow_the_original_name_rule():
+    from helpers import tiny_config
+
+    model = UniterForPretraining(tiny_config())
+    decay, no_decay = parameter_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "uniter.img_embeddings.img_layer_norm.weight" in decayed  # not literally "LayerNorm": decayed
+    assert "uniter.img_embeddings.mask_embedding.weight" in decayed
+    assert not any(any(nd in n for nd in NO_DECAY) for n in decayed)
+    assert "cls.predictions.bias" in {names[id(p)] for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_linear_schedule():
+    assert warmup_linear(5, 10, 100) == pytest.approx(0.5)
+    assert warmup_linear(10, 10, 100) == pytest.approx(1.0)
+    assert warmup_linear(55, 10, 100) == pytest.approx(0.5)
+    assert warmup_linear(100, 10, 100) == 0.0
+
+
+def test_env_report_names_each_op(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    for op in ("ipot", "sinkhorn", "varlen_attention"):
+        assert op in out
+    assert "torch" in out

@@ -1,0 +1,123 @@
+"""The pre-training configuration: the original's field names where one exists (reference/uniter.md 3.4-3.5)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data.synthetic import WorldConfig
+from uniter_fast.objectives.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    preset: str = "tiny"                 # tiny | base | large
+    config: str | None = None            # a JSON in the original's fields; wins over the preset
+    overrides: dict = field(default_factory=dict)
+    init_checkpoint: str | None = None   # an original UNITER or Hugging Face BERT checkpoint
+
+    def build_config(self, **forced) -> UniterConfig:
+        base = UniterConfig.from_json(self.config) if self.config else UniterConfig.preset(self.preset)
+        return base.replace(**{**self.overrides, **forced})
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    world: WorldConfig = WorldConfig()   # the built-in synthetic world
+    vocab_size: int = 400                # of the WordPiece vocabulary trained on its captions
+    max_txt_len: int = 60                # captions longer than this many words are dropped, as the original
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    valid_steps: int = 0                 # validate every this many updates (0: only at the end)
+    val_batches: int = 8                 # batches per task when validating
+    retrieval_images: int = 100          # zero-shot retrieval over this many held-out images (one caption each)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelOptions = ModelOptions()
+    data: DataOptions = DataOptions()
+    eval: EvalOptions = EvalOptions()
+    # one task per update, drawn with these weights (the original's mix_ratio)
+    tasks: dict = field(default_factory=lambda: {"itm": 2, "mlm": 2, "mrfr": 1, "mrckl": 1})
+    mrm_prob: float = 0.15
+    itm_neg_prob: float = 0.5
+    itm_ot_lambda: float = 0.1
+    conditional_masking: bool = True
+    train_batch_size: int = 4096         # padded tokens per micro-batch (the original's token budget)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    warmup_steps: int = 10000
+    num_train_steps: int = 200000
+    betas: tuple = (0.9, 0.98)
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.01
+    grad_norm: float = 5.0               # -1 turns clipping off
+    precision: str = "fp32"              # fp32 | bf16 | fp16 (DeepSpeed's mixed precision)
+    zero_stage: int = 2
+    seed: int = 42
+    output_dir: str = "runs/pretrain"
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: at least one pre-training task is needed")
+        for task, ratio in self.tasks.items():
+            if task not in TASKS:
+                raise ValueError(f"tasks: unknown task {task!r}; expected some of {', '.join(TASKS)}")
+            if not isinstance(ratio, int) or ratio < 1:
+                raise ValueError(f"tasks: the mix ratio of {task!r} must be a positive integer, got {ratio!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision {self.precision!r}: expected fp32, bf16 or fp16")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage {self.zero_stage!r}: expected 0, 1, 2 or 3")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.warmup_steps < 0 or self.learning_rate <= 0:
+            raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
+
+    def replace(self, **changes) -> "PretrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PretrainConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"pre-training config {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"pre-training config {path} is not valid JSON: {err}") from None
+        return _build(cls, data, str(path))
+
+
+def _build(cls, data, where: str):
+    """Nested dataclass from a JSON object; unknown keys are errors naming the file and key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, f"{where}: {name}")
+        elif hint is tuple and isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None

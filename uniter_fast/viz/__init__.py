@@ -1,0 +1,1 @@
+"""Plots: training curves (and, later, attention maps)."""
