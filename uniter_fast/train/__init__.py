@@ -1,0 +1,1 @@
+"""Pre-training: configuration, DeepSpeed engine, task sampling and the loop."""
