@@ -12,7 +12,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from uniter_fast.train.loop import pretrain
 
     cfg = PretrainConfig.from_json(args.config)
-    changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps)) if v is not None}
+    changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps),
+                                 ("precision", args.precision)) if v is not None}
     cfg = cfg.replace(**changes)
     metrics = pretrain(cfg, progress=not args.no_progress)
     summary = {"validation": metrics["validation"], "zero_shot_retrieval": metrics["zero_shot_retrieval"]}
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="pre-training config JSON, e.g. configs/pretrain-tiny.json")
     p.add_argument("--output-dir", default=None, help="override the config's output_dir")
     p.add_argument("--steps", type=int, default=None, help="override num_train_steps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="override precision")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=_pretrain)
 

@@ -116,13 +116,18 @@ class UniterConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, *, strict: bool = True) -> "UniterConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model config {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"model config {path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"model config {path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, strict=strict, source=str(path))
+        return cls.from_dict(read_json_object(path, "model config"), strict=strict, source=str(path))
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """A JSON file holding one object; errors name the file and what it was meant to be."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -22,7 +22,6 @@ arbitrary object is ever unpickled.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from uniter_fast.config import UniterConfig
+from uniter_fast.config import UniterConfig, read_json_object
 from uniter_fast.model.uniter import UniterModel
 
 log = logging.getLogger(__name__)
@@ -194,11 +193,9 @@ def _as_state_dict(data, name: str) -> dict[str, torch.Tensor]:
 
 def _read_config(path: Path) -> UniterConfig:
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"model config {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"model config {path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path, "model config")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if data.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"{path}: position_embedding_type {data['position_embedding_type']!r} is not "
                               "UNITER's (absolute)")

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uniter_fast.config import UniterConfig
+from uniter_fast.config import UniterConfig, read_json_object
 from uniter_fast.data.synthetic import WorldConfig
 from uniter_fast.objectives.tasks import TASKS
 
@@ -90,14 +89,7 @@ class PretrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PretrainConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"pre-training config {path} does not exist") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"pre-training config {path} is not valid JSON: {err}") from None
-        return _build(cls, data, str(path))
+        return _build(cls, read_json_object(path, "pre-training config"), str(path))
 
 
 def _build(cls, data, where: str):

@@ -121,7 +121,10 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
                 history.append(row)
                 recent[t].append(row["loss"])
             pending.clear()
-            bar.set_postfix({t: f"{np.mean(v):.3f}" for t, v in recent.items() if v})
+            postfix = {t: f"{np.mean(v):.3f}" for t, v in recent.items() if v}
+            bar.set_postfix(postfix)
+            if bar.disable and rank == 0:  # no bar (a launcher, a log file): one line per log interval
+                log.info("update %d/%d losses %s", update + 1, cfg.num_train_steps, postfix)
         if cfg.eval.valid_steps and (update + 1) % cfg.eval.valid_steps == 0 and update + 1 < cfg.num_train_steps:
             val = validate(engine.module, data.val, tasks, batch_tokens=cfg.train_batch_size,
                            num_batches=cfg.eval.val_batches, options=streams.options, device=device, seed=cfg.seed)
