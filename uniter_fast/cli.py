@@ -15,7 +15,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps),
                                  ("precision", args.precision)) if v is not None}
     cfg = cfg.replace(**changes)
-    metrics = pretrain(cfg, progress=not args.no_progress)
+    try:
+        metrics = pretrain(cfg, progress=not args.no_progress)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     summary = {"validation": metrics["validation"], "zero_shot_retrieval": metrics["zero_shot_retrieval"]}
     print(json.dumps(summary, indent=2))
     print(f"wrote {cfg.output_dir}/metrics.json, {cfg.output_dir}/curves.png and the checkpoint in {cfg.output_dir}/ckpt")
