@@ -72,13 +72,14 @@ class TaskStreams:
         self.corpus, self.cfg, self.rank = corpus, cfg, rank
         self.options = MaskingOptions(mrm_prob=cfg.mrm_prob, itm_neg_prob=cfg.itm_neg_prob,
                                       conditional_masking=cfg.conditional_masking)
+        self.task_index = {t: i for i, t in enumerate(tasks)}
         self.iters = {t: iter(TokenBucketSampler(corpus.lens, batch_tokens=cfg.train_batch_size,
-                                                 seed=cfg.seed * 1000 + i)) for i, t in enumerate(tasks)}
-        self.drawn = defaultdict(int)
+                                                 seed=cfg.seed * 1000 + i)) for t, i in self.task_index.items()}
+        self.drawn = defaultdict(int)  # batches drawn per task: with the seed, fixes each batch's masks
 
     def next(self, task: str):
         indices = next(self.iters[task])
-        rng = np.random.default_rng([self.cfg.seed, self.rank, len(self.drawn), self.drawn[task]])
+        rng = np.random.default_rng([self.cfg.seed, self.rank, self.task_index[task], self.drawn[task]])
         self.drawn[task] += 1
         return make_task_batch(self.corpus, task, indices, rng, self.options)
 
