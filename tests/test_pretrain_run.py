@@ -48,6 +48,15 @@ def test_tiny_pretraining_run_learns_and_writes_its_outputs(tmp_path):
     assert torch.equal(model.uniter.pooler.dense.weight, state["uniter.pooler.dense.weight"])
 
 
+def test_zero3_run_writes_whole_parameters(tmp_path):
+    """ZeRO-3 partitions parameters across ranks (placeholders of size 0 on each): the checkpoint must be whole."""
+    path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3)
+    assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
+    state = torch.load(tmp_path / "run" / "ckpt" / "model_step_6.pt", weights_only=True)
+    assert state["uniter.encoder.layer.0.attention.self.query.weight"].shape == (64, 64)
+    assert state["cls.predictions.decoder.weight"].shape == state["uniter.embeddings.word_embeddings.weight"].shape
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"learning_rat": 1e-4}))

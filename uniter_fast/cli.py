@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 
@@ -21,7 +22,11 @@ def _pretrain(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()  # through deepspeed, which holds references to the group
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     summary = {"validation": metrics["validation"], "zero_shot_retrieval": metrics["zero_shot_retrieval"]}
     print(json.dumps(summary, indent=2))
     print(f"wrote {cfg.output_dir}/metrics.json, {cfg.output_dir}/curves.png and the checkpoint in {cfg.output_dir}/ckpt")

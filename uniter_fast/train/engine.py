@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -95,3 +96,13 @@ def build_engine(model: nn.Module, cfg: PretrainConfig):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
     return engine
+
+
+@contextmanager
+def full_parameters(model: nn.Module):
+    """Every parameter whole on every rank inside the block (ZeRO-3 partitions them); a no-op below stage 3.
+    All ranks must enter it together."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield

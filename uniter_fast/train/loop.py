@@ -21,7 +21,7 @@ from uniter_fast.eval.validation import validate
 from uniter_fast.model.checkpoint import save_checkpoint
 from uniter_fast.model.pretrain import UniterForPretraining
 from uniter_fast.train.config import PretrainConfig
-from uniter_fast.train.engine import build_engine, init_distributed
+from uniter_fast.train.engine import build_engine, full_parameters, init_distributed
 from uniter_fast.train.tasks import TaskSampler
 
 log = logging.getLogger("uniter_fast.train")
@@ -145,8 +145,9 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
         "chance": {"retrieval_r1": 100.0 / min(cfg.eval.retrieval_images, len(data.val_split.images)),
                    "itm_acc": 0.5, "mlm_acc": 1.0 / data.tokenizer.vocab_size},
     }
-    if rank == 0:
-        _write_outputs(out_dir, cfg, model, data.tokenizer, history, metrics)
+    with full_parameters(model):  # ZeRO-3 keeps a shard per rank: gather before writing the checkpoint
+        if rank == 0:
+            _write_outputs(out_dir, cfg, model, data.tokenizer, history, metrics)
     return metrics
 
 
