@@ -103,24 +103,106 @@ def check_ot_args(
     positive: finite real parameters that must be > 0 (beta, eps); counts: integers that must be >= 1.
     The lens' values are checked only on the CPU: reading them from an accelerator would sync with the host.
     """
-    if not isinstance(cost, torch.Tensor) or not cost.is_floating_point():
-        raise TypeError(f"cost must be a floating-point tensor, got {_describe(cost)}")
-    if cost.dim() != 3:
-        raise ValueError(f"cost must be 3-D (batch, text, regions), got shape {tuple(cost.shape)}")
-    batch = cost.shape[0]
-    for name, lens, dim in (("text_lens", text_lens, 1), ("region_lens", region_lens, 2)):
-        integer = isinstance(lens, torch.Tensor) and not (lens.is_floating_point() or lens.is_complex())
-        if not integer or lens.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor, got {_describe(lens)}")
-        if tuple(lens.shape) != (batch,):
-            raise ValueError(f"{name} must be 1-D of length {batch} (cost's batch size), got shape {tuple(lens.shape)}")
-        if lens.device != cost.device:
-            raise ValueError(f"{name} is on {lens.device} but cost is on {cost.device}")
-        if lens.device.type == "cpu" and batch and (int(lens.min()) < 0 or int(lens.max()) > cost.shape[dim]):
+    _check_float(cost, "cost", 3, "(batch, text, regions)")
+    bounds = {"text_lens": (text_lens, cost.shape[1], "cost.shape[1]"),
+              "region_lens": (region_lens, cost.shape[2], "cost.shape[2]")}
+    _check_index_vectors(bounds, cost.shape[0], "cost's batch size", "cost", cost.device)
+    _check_params(positive, counts)
+
+
+def check_ot_vectors(
+    text: torch.Tensor,
+    regions: torch.Tensor,
+    text_lens: torch.Tensor,
+    region_lens: torch.Tensor,
+    *,
+    positive: dict[str, float] | None = None,
+    counts: dict[str, int] | None = None,
+) -> None:
+    """check_ot_args for the padded vectors text (B, M, D) and regions (B, N, D) of a cosine-cost OT call."""
+    _check_float(text, "text", 3, "(batch, words, dim)")
+    _check_float(regions, "regions", 3, "(batch, regions, dim)")
+    _check_same_source(text, regions, "text", "regions", (0, 2))
+    bounds = {"text_lens": (text_lens, text.shape[1], "text.shape[1]"),
+              "region_lens": (region_lens, regions.shape[1], "regions.shape[1]")}
+    _check_index_vectors(bounds, text.shape[0], "text's batch size", "text", text.device)
+    _check_params(positive, counts)
+
+
+def check_ot_packed(
+    hidden: torch.Tensor,
+    text_starts: torch.Tensor,
+    text_lens: torch.Tensor,
+    region_starts: torch.Tensor,
+    region_lens: torch.Tensor,
+    max_text_len: int,
+    max_regions: int,
+    *,
+    positive: dict[str, float] | None = None,
+    counts: dict[str, int] | None = None,
+) -> None:
+    """check_ot_args for packed rows: problem b's text is rows text_starts[b] .. + text_lens[b] of hidden (total, D),
+    its regions rows region_starts[b] .. + region_lens[b]; max_text_len and max_regions bound the lens."""
+    _check_float(hidden, "hidden", 2, "(total rows, dim)")
+    for name, value in (("max_text_len", max_text_len), ("max_regions", max_regions)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    total = hidden.shape[0]
+    bounds = {"text_lens": (text_lens, max_text_len, "max_text_len"),
+              "region_lens": (region_lens, max_regions, "max_regions"),
+              "text_starts": (text_starts, total, "hidden.shape[0]"),
+              "region_starts": (region_starts, total, "hidden.shape[0]")}
+    batch = text_lens.shape[0] if isinstance(text_lens, torch.Tensor) and text_lens.dim() == 1 else -1
+    _check_index_vectors(bounds, batch, "text_lens' length", "hidden", hidden.device)
+    for side in ("text", "region"):
+        starts, lens = bounds[f"{side}_starts"][0], bounds[f"{side}_lens"][0]
+        if starts.device.type == "cpu" and batch > 0 and int((starts + lens).max()) > total:
+            raise ValueError(f"{side}_starts + {side}_lens must be <= {total} (hidden.shape[0]), "
+                             f"got up to {int((starts + lens).max())}")
+    _check_params(positive, counts)
+
+
+def _check_float(x: object, name: str, dim: int, layout: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {_describe(x)}")
+    if x.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(x.shape)}")
+
+
+def _check_same_source(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str, dims: tuple[int, ...]) -> None:
+    """b must match a in the given dims, dtype and device (the kernels read both with one set of types)."""
+    for d in dims:
+        if b.shape[d] != a.shape[d]:
+            raise ValueError(f"{name_b}.shape[{d}] is {b.shape[d]} but {name_a}.shape[{d}] is {a.shape[d]}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"{name_b} has dtype {b.dtype} but {name_a} has {a.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}")
+
+
+def _check_index_vectors(
+    bounds: dict[str, tuple[object, int, str]], batch: int, batch_desc: str, owner: str, device: torch.device
+) -> None:
+    """Each name -> (tensor, bound, what the bound is): integer tensors of shape (batch,) on device, values in
+    [0, bound] (checked on the CPU only)."""
+    for name, (x, bound, bound_desc) in bounds.items():
+        integer = isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
+        if not integer or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {_describe(x)}")
+        if x.dim() != 1 or (batch >= 0 and x.shape[0] != batch):
+            length = f" of length {batch} ({batch_desc})" if batch >= 0 else ""
+            raise ValueError(f"{name} must be 1-D{length}, got shape {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but {owner} is on {device}")
+        if x.device.type == "cpu" and x.numel() and (int(x.min()) < 0 or int(x.max()) > bound):
             raise ValueError(
-                f"{name} must lie in [0, {cost.shape[dim]}] (cost.shape[{dim}]), "
-                f"got values from {int(lens.min())} to {int(lens.max())}"
+                f"{name} must lie in [0, {bound}] ({bound_desc}), got values from {int(x.min())} to {int(x.max())}"
             )
+
+
+def _check_params(positive: dict[str, float] | None, counts: dict[str, int] | None) -> None:
     for name, value in (positive or {}).items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number, got {value!r}")
@@ -232,3 +314,18 @@ def transport_distance_ref(cost: torch.Tensor, plan: torch.Tensor) -> torch.Tens
     dtype = torch.promote_types(_state_dtype(cost), plan.dtype)
     terms = cost.to(dtype) * plan.to(dtype)
     return torch.where(plan != 0, terms, 0).sum(dim=(1, 2))
+
+
+# Normalisation floor of UNITER's cosine cost (F.normalize's eps in the original).
+COSINE_EPS = 1e-5
+
+
+def cosine_cost_ref(text: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """UNITER's WRA cost C = 1 - cos: (B, M, D), (B, N, D) -> (B, M, N), fp32 (fp64 for fp64 inputs).
+
+    Vectors are normalised as F.normalize(eps=1e-5) does; zero (padding) vectors get cosine 0, cost 1.
+    """
+    dtype = _state_dtype(text)
+    text = F.normalize(text.to(dtype), dim=-1, eps=COSINE_EPS)
+    regions = F.normalize(regions.to(dtype), dim=-1, eps=COSINE_EPS)
+    return 1 - text @ regions.transpose(1, 2)

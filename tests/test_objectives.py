@@ -59,6 +59,21 @@ def test_wra_loss_pulls_matched_and_pushes_swapped_pairs():
     assert metrics["pos"].item() == pytest.approx(0.3) and metrics["neg"].item() == pytest.approx(0.8)
 
 
+def test_wra_on_the_triton_backend_equals_the_reference():
+    """The objective reads the packed rows through the fused kernel (the interpreter on the CPU)."""
+    texts, regions = random_samples(5, seed=4)
+    batch = pack_batch(texts, regions)
+    hidden = torch.randn(batch.total_tokens, 16)
+    results = {}
+    for name in ("torch", "triton"):
+        h = hidden.clone().requires_grad_(True)
+        dist = wra_distances(h, batch, backend=name)
+        (dist * torch.arange(1.0, 6.0)).sum().backward()
+        results[name] = (dist.detach(), h.grad)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-4, atol=1e-6)
+
+
 def test_wra_distance_per_sample_equals_a_single_problem():
     texts, regions = random_samples(4, seed=3, allow_empty_regions=False)
     batch = pack_batch(texts, regions)

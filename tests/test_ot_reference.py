@@ -298,14 +298,6 @@ def test_lens_on_another_device() -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_explicit_triton_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(backend.ENV_VAR, "triton")
-    with pytest.raises(backend.BackendUnavailable, match="ipot.*no triton kernel for ipot"):
-        ot.ipot(_C, _T, _R)
-    with pytest.raises(backend.BackendUnavailable, match="sinkhorn"):
-        ot.sinkhorn(_C, _T, _R, eps=0.1)
-
-
 @pytest.mark.parametrize("choice", ["auto", "torch"])
 def test_auto_and_torch_serve_with_the_reference(
     monkeypatch: pytest.MonkeyPatch, gen: torch.Generator, choice: str

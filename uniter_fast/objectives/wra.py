@@ -6,26 +6,19 @@ constant for the gradient; the loss pulls matched pairs together and pushes swap
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from uniter_fast.data.packing import PackedBatch
 from uniter_fast.kernels import ot
 
-NORM_EPS = 1e-5
-
-
-def cosine_cost(text: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """(B, M, D), (B, N, D) -> C = 1 - cos, (B, M, N), in fp32."""
-    text = F.normalize(text.float(), dim=-1, eps=NORM_EPS)
-    regions = F.normalize(regions.float(), dim=-1, eps=NORM_EPS)
-    return 1.0 - text @ regions.transpose(1, 2)
-
 
 def wra_distances(hidden: torch.Tensor, batch: PackedBatch, *, beta: float = 0.5, iterations: int = 50,
                   backend: str | None = None) -> torch.Tensor:
-    """IPOT distance (B,) between each sample's word rows and region rows of the packed encoder output."""
-    cost = cosine_cost(batch.pad_text(hidden), batch.pad_regions(hidden))
-    return ot.ipot(cost, batch.text_lens, batch.region_lens, beta=beta, iterations=iterations, backend=backend)
+    """IPOT distance (B,) between each sample's word rows and region rows of the packed encoder output, under the
+    cosine cost; the triton backend reads the packed rows in place and fuses the cost and its gradient."""
+    starts = batch.cu_seqlens[:-1]
+    return ot.wra_distance_packed(hidden, starts, batch.text_lens, starts + batch.text_lens, batch.region_lens,
+                                  batch.max_text_len, batch.max_regions, beta=beta, iterations=iterations,
+                                  backend=backend)
 
 
 def wra_loss(distances: torch.Tensor, itm_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

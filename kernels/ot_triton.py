@@ -1,0 +1,434 @@
+"""Triton kernels for batched optimal transport (UNITER's word-region alignment) and their launchers.
+
+One launch runs every iteration for the whole batch. Each program owns PROBS problems as one
+(PROBS, BLOCK_M, BLOCK_N) tile (BLOCK_* = next powers of two of the longest text and region sides): the cost
+and the solver state stay on chip, lengths are masked per problem, the state is fp32 whatever the input dtype.
+Algorithms (reference/ot.md):
+- "ipot": the original's linear IPOT (beta, iterations, k inner steps reusing the same Q);
+- "ipot_log": IPOT in the log domain: iteration t runs k log-domain Sinkhorn steps on exp(-t C / beta),
+  starting from the extrapolated text potential 2 f_{t-1} - f_{t-2}; the same iterates, never underflowing,
+  though rounding t C / beta in fp32 costs about 1e-4 relative on the plan at t = 50 (the linear form 1e-7);
+- "sinkhorn_log": log-domain Sinkhorn on exp(-C / eps), column potential first, as the reference.
+The cost comes as a (B, M, N) tensor or is fused: C = 1 - cos(text_i, region_j) from the vectors, normalised
+as F.normalize(eps=1e-5), padded (B, L, D) or packed (total, D) rows with per-problem starts.
+The backward kernel takes the plan as a constant (envelope) and returns the gradient of the vectors.
+Nothing here validates arguments or synchronises with the host: kernels/ot.py does the former.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+METHODS = {"ipot": 0, "ipot_log": 1, "sinkhorn_log": 2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
+TILE_TARGET = 4096  # elements per program: small problems are packed together up to this
+MAX_PROBS = 16
+
+_NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
+_PAD_COST = tl.constexpr(1e20)  # scaled cost on pads in the log domain: exp(-t * 1e20) = 0, never inf - inf
+
+
+@dataclass(frozen=True)
+class Solve:
+    """What the forward kernel solves: the kernel is exp(-scale * C), scale = 1/beta (IPOT) or 1/eps (Sinkhorn)."""
+
+    method: str  # "ipot", "ipot_log" or "sinkhorn_log"
+    scale: float
+    iterations: int  # the count, or the most when tol is set
+    k: int = 1  # inner Sinkhorn steps per IPOT iteration; Sinkhorn ignores it
+    tol: float | None = None  # stop a problem once its column marginals are this close (L1) to 1/n
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where problem b's vectors lie: rows 0 .. len_b of data[b] for padded data (B, L, D), or rows
+    starts[b] .. starts[b] + len_b of packed data (total, D); max_len bounds len_b (packed only)."""
+
+    data: torch.Tensor
+    starts: torch.Tensor | None = None
+    max_len: int | None = None
+
+    @property
+    def length(self) -> int:
+        return self.data.shape[1] if self.starts is None else int(self.max_len)
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """(per problem, per row, per dim) in elements; packed data has no per-problem stride."""
+        return tuple(self.data.stride()) if self.starts is None else (0, *self.data.stride())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
+                  PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's problems as a (PROBS, BLOCK_M, BLOCK_N) tile: indices, lengths, row and column masks."""
+    pb = pid * PROBS + tl.arange(0, PROBS)[:, None, None]
+    inb = pb < B
+    m = tl.load(text_lens_ptr + pb, mask=inb, other=0).to(tl.int32)
+    n = tl.load(region_lens_ptr + pb, mask=inb, other=0).to(tl.int32)
+    live = (m > 0) & (n > 0)  # an empty side moves no mass: the whole problem is padding
+    m = tl.where(live, m, 0)
+    n = tl.where(live, n, 0)
+    rows = tl.arange(0, BLOCK_M)[None, :, None]
+    cols = tl.arange(0, BLOCK_N)[None, None, :]
+    return pb, inb, live, m, n, rows, cols, rows < m, cols < n
+
+
+@triton.jit
+def _recip(x, valid):
+    """1/x where valid, exactly 0 elsewhere, never dividing by a pad's 0."""
+    return tl.where(valid, 1.0 / tl.where(valid, x, 1.0), 0.0)
+
+
+@triton.jit
+def _lse(x, AXIS: tl.constexpr):
+    """log-sum-exp along AXIS, kept as a size-1 axis (pads hold -1e20-scale values and add nothing)."""
+    top = tl.expand_dims(tl.max(x, axis=AXIS), AXIS)
+    return tl.log(tl.expand_dims(tl.sum(tl.exp(x - top), axis=AXIS), AXIS)) + top
+
+
+@triton.jit
+def _column_error(plan, nf, colv):
+    """L1 distance of each problem's column sums to 1/n, (PROBS, 1, 1); rows are exact after every iteration."""
+    miss = tl.expand_dims(tl.sum(plan, axis=1), 1) - _recip(nf, colv)
+    return tl.expand_dims(tl.sum(tl.where(colv, tl.abs(miss), 0.0), axis=2), 2)
+
+
+@triton.jit
+def _row_base(starts_ptr, pb, inb, s_b, s_r, PACKED: tl.constexpr):
+    """Element offset of each problem's first row: starts[b] rows into packed data, or batch entry b."""
+    if PACKED:
+        base = tl.load(starts_ptr + pb, mask=inb, other=0).to(tl.int64) * s_r
+    else:
+        base = pb.to(tl.int64) * s_b
+    return base
+
+
+@triton.jit
+def _load_rows(ptr, base, idx, valid, s_r, d, D, s_d):
+    """Vector entries (row idx, dim d) of the valid rows, 0 elsewhere; idx and d come shaped as the tile wants."""
+    return tl.load(ptr + base + idx * s_r + d * s_d, mask=valid & (d < D), other=0.0)
+
+
+@triton.jit
+def _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, rows, cols, rowv, colv, D,
+            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """cos(x_i, y_j) (PROBS, BM, BN) with 1/max(|x_i|, eps) (PROBS, BM, 1) and 1/max(|y_j|, eps) (PROBS, 1, BN)."""
+    d_last = tl.arange(0, BLOCK_D)[None, None, :]
+    d_mid = tl.arange(0, BLOCK_D)[None, :, None]
+    dots = tl.where(rowv & colv, 0.0, 0.0)
+    sq_x = tl.where(rowv, 0.0, 0.0)
+    sq_y = tl.where(colv, 0.0, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_rows(x_ptr, xb, rows, rowv, s_xr, d0 + d_last, D, s_xd)  # (PROBS, BM, BD)
+        y = _load_rows(y_ptr, yb, cols, colv, s_yr, d0 + d_mid, D, s_yd)  # (PROBS, BD, BN): transposed for the dot
+        if DOT_PRECISION == "ieee":  # exact fp32 products, fp16 inputs included
+            x = x.to(tl.float32)
+            y = y.to(tl.float32)
+        dots = tl.dot(x, y, dots, input_precision=DOT_PRECISION)  # raw products, normalised once at the end
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+        sq_x += tl.expand_dims(tl.sum(x * x, axis=2), 2)
+        sq_y += tl.expand_dims(tl.sum(y * y, axis=1), 1)
+    inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), _NORM_EPS)
+    inv_y = 1.0 / tl.maximum(tl.sqrt(sq_y), _NORM_EPS)
+    return dots * inv_x * inv_y, inv_x, inv_y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# solvers: all iterations of one tile of problems
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _ipot_linear(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol, USE_TOL: tl.constexpr):
+    """UNITER's IPOT on A = exp(-scaled): returns the plan and how many iterations each problem ran."""
+    kernel = tl.where(valid, tl.exp(-scaled), 0.0)
+    plan = tl.where(valid, 1.0, 0.0)
+    sigma = _recip(mf, rowv)
+    delta = tl.where(colv, 0.0, 0.0)
+    active = live
+    done = tl.where(live, 0, 0)
+    remaining = tl.sum(active.to(tl.int32))
+    it = remaining * 0
+    while (it < iterations) & (remaining > 0):
+        q = kernel * plan
+        s = sigma
+        for _ in range(k):  # inner steps reuse the same Q (the original's k > 1 crashes on a shape bug)
+            delta = _recip(nf * tl.expand_dims(tl.sum(q * s, axis=1), 1), colv)
+            s = _recip(mf * tl.expand_dims(tl.sum(q * delta, axis=2), 2), rowv)
+        if USE_TOL:  # converged problems keep their state
+            plan = tl.where(active, s * q * delta, plan)
+            sigma = tl.where(active, s, sigma)
+        else:
+            plan = s * q * delta
+            sigma = s
+        done += active.to(tl.int32)
+        if USE_TOL:
+            active = active & (_column_error(plan, nf, colv) > tol)
+            remaining = tl.sum(active.to(tl.int32))
+        it += 1
+    return plan, done
+
+
+@triton.jit
+def _log_domain(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol,
+                EXTRAPOLATE: tl.constexpr, USE_TOL: tl.constexpr):
+    """Sinkhorn on exp(-scaled) (EXTRAPOLATE False) or IPOT (True) with potentials f (rows) and g (columns).
+
+    IPOT's plan after t iterations is exp(f_t + g_t - t scaled) (reference/ot.md): iteration t runs k Sinkhorn
+    steps on exp(-t scaled) from the text potential 2 f_{t-1} - f_{t-2}, i.e. f_{t-1} + log of the last sigma.
+    """
+    far = tl.where(valid, scaled, _PAD_COST)
+    log_mu = -tl.log(tl.maximum(mf, 1.0))
+    log_nu = -tl.log(tl.maximum(nf, 1.0))
+    f = tl.where(rowv, 0.0, 0.0)
+    f_prev = tl.where(rowv, -log_mu, 0.0)  # f_{-1} = log m: the first extrapolation is log(1/m), IPOT's sigma_0
+    g = tl.where(colv, 0.0, 0.0)
+    log_kernel = -far
+    active = live
+    done = tl.where(live, 0, 0)
+    remaining = tl.sum(active.to(tl.int32))
+    it = remaining * 0
+    while (it < iterations) & (remaining > 0):
+        if EXTRAPOLATE:
+            log_kernel = -(it + 1).to(tl.float32) * far
+            u = 2.0 * f - f_prev
+        else:
+            u = f
+        v = g
+        for _ in range(k):
+            v = tl.where(colv, log_nu - _lse(u + log_kernel, 1), 0.0)
+            u = tl.where(rowv, log_mu - _lse(log_kernel + v, 2), 0.0)
+        if USE_TOL:  # converged problems keep their state
+            f_prev = tl.where(active, f, f_prev)
+            f = tl.where(active, u, f)
+            g = tl.where(active, v, g)
+        else:
+            f_prev = f
+            f = u
+            g = v
+        done += active.to(tl.int32)
+        if USE_TOL:
+            plan = tl.where(valid, tl.exp(f + g + log_kernel), 0.0)
+            active = active & (_column_error(plan, nf, colv) > tol)
+            remaining = tl.sum(active.to(tl.int32))
+        it += 1
+    if EXTRAPOLATE:
+        log_kernel = -done.to(tl.float32) * far  # each problem's own last t
+    return tl.where(valid, tl.exp(f + g + log_kernel), 0.0), done
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _transport_kernel(
+    cost_ptr, s_cb, s_cm, s_cn,
+    x_ptr, x_starts_ptr, s_xb, s_xr, s_xd,
+    y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
+    text_lens_ptr, region_lens_ptr,
+    dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr,
+    B, M, N, D, iterations, k, scale, tol,
+    METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
+    WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr,
+    PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
+                                                                PROBS, BLOCK_M, BLOCK_N)
+    valid = rowv & colv
+    if FROM_VECTORS:
+        xb = _row_base(x_starts_ptr, pb, inb, s_xb, s_xr, PACKED)
+        yb = _row_base(y_starts_ptr, pb, inb, s_yb, s_yr, PACKED)
+        cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, rows, cols, rowv, colv, D,
+                                    BLOCK_D, DOT_PRECISION)
+        cost = tl.where(valid, 1.0 - cos, 0.0)
+    else:
+        cost_ptrs = cost_ptr + pb.to(tl.int64) * s_cb + rows * s_cm + cols * s_cn
+        cost = tl.load(cost_ptrs, mask=valid, other=0.0).to(tl.float32)
+    mf = m.to(tl.float32)
+    nf = n.to(tl.float32)
+    if METHOD == 0:
+        plan, done = _ipot_linear(cost * scale, rowv, colv, valid, mf, nf, live, iterations, k, tol, USE_TOL)
+    else:
+        plan, done = _log_domain(cost * scale, rowv, colv, valid, mf, nf, live, iterations, k, tol,
+                                 METHOD == 1, USE_TOL)
+    p1 = pid * PROBS + tl.arange(0, PROBS)
+    tl.store(dist_ptr + p1, tl.sum(tl.sum(cost * plan, axis=2), axis=1), mask=p1 < B)
+    if USE_TOL:
+        tl.store(counts_ptr + p1, tl.sum(tl.sum(done, axis=2), axis=1), mask=p1 < B)
+    if WRITE_PLAN:  # the whole (M, N) block, pads included: exact zeros there
+        plan_ptrs = plan_ptr + pb.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn
+        tl.store(plan_ptrs, plan, mask=inb & (rows < M) & (cols < N))
+
+
+@triton.jit
+def _cosine_grad_kernel(
+    x_ptr, x_starts_ptr, s_xb, s_xr, s_xd,
+    y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
+    gx_ptr, s_gxb, s_gxr, s_gxd,
+    gy_ptr, s_gyb, s_gyr, s_gyd,
+    text_lens_ptr, region_lens_ptr, plan_ptr, s_pb, s_pm, s_pn, grad_ptr,
+    B, D,
+    PACKED: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """d dist_b / d x and d y with the plan T constant: dist = sum T (1 - x^ . y^), through F.normalize."""
+    pid = tl.program_id(0)
+    pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
+                                                                PROBS, BLOCK_M, BLOCK_N)
+    valid = rowv & colv
+    xb = _row_base(x_starts_ptr, pb, inb, s_xb, s_xr, PACKED)
+    yb = _row_base(y_starts_ptr, pb, inb, s_yb, s_yr, PACKED)
+    gxb = _row_base(x_starts_ptr, pb, inb, s_gxb, s_gxr, PACKED)
+    gyb = _row_base(y_starts_ptr, pb, inb, s_gyb, s_gyr, PACKED)
+    cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, rows, cols, rowv, colv, D,
+                                BLOCK_D, DOT_PRECISION)
+    plan = tl.load(plan_ptr + pb.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn, mask=valid, other=0.0)
+    w = plan.to(tl.float32) * tl.load(grad_ptr + pb, mask=inb, other=0.0)  # d loss / d C
+    wc = w * cos
+    # F.normalize's Jacobian is (I - x^ x^T) / |x| above eps and I / eps below; r, c are the projections
+    r = tl.where(inv_x < 1.0 / _NORM_EPS, tl.expand_dims(tl.sum(wc, axis=2), 2), 0.0)  # (PROBS, BM, 1)
+    c = tl.where(inv_y < 1.0 / _NORM_EPS, tl.expand_dims(tl.sum(wc, axis=1), 1), 0.0)  # (PROBS, 1, BN)
+    # both sides' vectors come in both layouts, so each gradient is one dot with w as it is (no transposed copy)
+    cols_r = tl.arange(0, BLOCK_N)[None, :, None]
+    rows_t = tl.arange(0, BLOCK_M)[None, None, :]
+    inv_x_t = tl.reshape(inv_x, (PROBS, 1, BLOCK_M))
+    inv_y_r = tl.reshape(inv_y, (PROBS, BLOCK_N, 1))
+    d_last = tl.arange(0, BLOCK_D)[None, None, :]
+    d_mid = tl.arange(0, BLOCK_D)[None, :, None]
+    for d0 in range(0, D, BLOCK_D):
+        x = _load_rows(x_ptr, xb, rows, rowv, s_xr, d0 + d_last, D, s_xd).to(tl.float32) * inv_x  # (P, BM, BD)
+        y = _load_rows(y_ptr, yb, cols_r, cols_r < n, s_yr, d0 + d_last, D, s_yd).to(tl.float32) * inv_y_r
+        x_t = _load_rows(x_ptr, xb, rows_t, rows_t < m, s_xr, d0 + d_mid, D, s_xd).to(tl.float32) * inv_x_t
+        y_t = _load_rows(y_ptr, yb, cols, colv, s_yr, d0 + d_mid, D, s_yd).to(tl.float32) * inv_y  # (P, BD, BN)
+        gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x  # (P, BM, BD)
+        gy_t = (c * y_t - tl.dot(x_t, w, input_precision=DOT_PRECISION)) * inv_y  # (P, BD, BN)
+        tl.store(gx_ptr + gxb + rows * s_gxr + (d0 + d_last) * s_gxd, gx.to(gx_ptr.dtype.element_ty),
+                 mask=rowv & (d0 + d_last < D))
+        tl.store(gy_ptr + gyb + cols * s_gyr + (d0 + d_mid) * s_gyd, gy_t.to(gy_ptr.dtype.element_ty),
+                 mask=colv & (d0 + d_mid < D))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unsupported(tensors: tuple[torch.Tensor, ...], max_m: int, max_n: int) -> str | None:
+    """Why the kernels cannot serve inputs of these dtypes and side lengths, or None when they can."""
+    for t in tensors:
+        if t.dtype not in DTYPES:
+            return f"inputs of dtype {t.dtype}: the kernels take fp32, fp16 or bf16 (their state is fp32)"
+    tile = triton.next_power_of_2(max(max_m, 1)) * triton.next_power_of_2(max(max_n, 1))
+    if tile > MAX_TILE:
+        return f"a {max_m} x {max_n} problem needs a tile of {tile} elements, more than the kernel's {MAX_TILE}"
+    return None
+
+
+def _config(batch: int, max_m: int, max_n: int, dim: int | None) -> dict:
+    """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it),
+    as many problems per program as fit TILE_TARGET elements (at most 4 with the cosine's 3-D dots, which
+    spill beyond that on sm_90), 16 dims per step (wider spills the backward)."""
+    floor = 1 if dim is None else 16
+    block_m = max(triton.next_power_of_2(max(max_m, 1)), floor)
+    block_n = max(triton.next_power_of_2(max(max_n, 1)), floor)
+    most = MAX_PROBS if dim is None else 4
+    probs = max(1, min(TILE_TARGET // (block_m * block_n), most, triton.next_power_of_2(max(batch, 1))))
+    elements = probs * block_m * block_n
+    # about 16 tile elements per thread (32 for the UNITER-sized 64 x 128 tile): the register budget on sm_90
+    # (cuobjdump: few or no spills); fewer warps spill, more leave threads idle
+    warps = 16 if elements > 8192 else min(max(elements // 512, 1 if dim is None else 4), 8)
+    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, num_warps=warps)
+
+
+def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
+    """fp32 inputs: exact products ("ieee"; tf32 would cost the cosine three digits). bf16: tensor cores, bf16
+    operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16 operands forward, exact
+    backward (tf32 is no finer than the fp16 gradient it would feed)."""
+    if dtype == torch.float32 or (backward and dtype == torch.float16):
+        return "ieee"
+    return "tf32"
+
+
+def _rows_args(rows: Rows, lens: torch.Tensor) -> tuple:
+    """(data, starts, strides) as the kernels take them; padded data passes lens where starts go (unread)."""
+    return (rows.data, lens if rows.starts is None else rows.starts.contiguous(), *rows.strides)
+
+
+def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None, text_lens: torch.Tensor,
+             region_lens: torch.Tensor, solve: Solve, want_plan: bool):
+    batch = text_lens.shape[0]
+    max_m, max_n = (cost.shape[1], cost.shape[2]) if cost is not None else (text.length, regions.length)
+    text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()  # the kernels index them flat
+    device = text_lens.device
+    dist = torch.empty(batch, device=device, dtype=torch.float32)
+    plan = torch.empty(batch, max_m, max_n, device=device, dtype=torch.float32) if want_plan else None
+    counts = torch.empty(batch, device=device, dtype=torch.int32) if solve.tol is not None else None
+    if batch == 0:
+        return dist, plan, counts
+    dim = None if cost is not None else text.data.shape[-1]
+    config = _config(batch, max_m, max_n, dim)
+    if cost is not None:
+        cost_args, x_args, y_args = (cost, *cost.stride()), (cost, text_lens, 0, 0, 0), (cost, text_lens, 0, 0, 0)
+    else:
+        cost_args, x_args, y_args = (dist, 0, 0, 0), _rows_args(text, text_lens), _rows_args(regions, region_lens)
+    plan_args = (plan, *plan.stride()) if want_plan else (dist, 0, 0, 0)
+    inner = 1 if solve.method == "sinkhorn_log" else solve.k
+    grid = (triton.cdiv(batch, config["PROBS"]),)
+    _transport_kernel[grid](
+        *cost_args, *x_args, *y_args, text_lens, region_lens,
+        dist, *plan_args, dist if counts is None else counts,
+        batch, max_m, max_n, dim or 0, solve.iterations, inner, float(solve.scale), float(solve.tol or 0.0),
+        METHOD=METHODS[solve.method], FROM_VECTORS=cost is None, PACKED=text is not None and text.starts is not None,
+        WRITE_PLAN=want_plan, USE_TOL=solve.tol is not None,
+        DOT_PRECISION=_dot_precision((cost if cost is not None else text.data).dtype, False), **config,
+    )
+    return dist, plan, counts
+
+
+def transport_cost(cost: torch.Tensor, text_lens: torch.Tensor, region_lens: torch.Tensor, solve: Solve,
+                   *, want_plan: bool = False):
+    """(dist (B,) fp32, plan (B, M, N) fp32 or None, counts (B,) int32 or None) from a cost (B, M, N)."""
+    return _forward(cost, None, None, text_lens, region_lens, solve, want_plan)
+
+
+def transport_vectors(text: Rows, regions: Rows, text_lens: torch.Tensor, region_lens: torch.Tensor, solve: Solve,
+                      *, want_plan: bool = False):
+    """As transport_cost, with C = 1 - cos(text_i, region_j) computed in the kernel; both sides padded or packed."""
+    assert (text.starts is None) == (regions.starts is None), "text and regions must both be padded or both packed"
+    return _forward(None, text, regions, text_lens, region_lens, solve, want_plan)
+
+
+def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_lens: torch.Tensor,
+                    plan: torch.Tensor, grad_dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum_b grad_dist[b] * dist_b into text.data and regions.data with the plan constant;
+    rows outside every problem get 0."""
+    grad_text, grad_regions = torch.zeros_like(text.data), torch.zeros_like(regions.data)
+    batch, dim = text_lens.shape[0], text.data.shape[-1]
+    text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
+    if batch == 0:
+        return grad_text, grad_regions
+    config = _config(batch, plan.shape[1], plan.shape[2], dim)
+    gx = Rows(grad_text, text.starts, text.max_len)
+    gy = Rows(grad_regions, regions.starts, regions.max_len)
+    _cosine_grad_kernel[(triton.cdiv(batch, config["PROBS"]),)](
+        *_rows_args(text, text_lens), *_rows_args(regions, region_lens),
+        grad_text, *gx.strides, grad_regions, *gy.strides,
+        text_lens, region_lens, plan, *plan.stride(), grad_dist.float().contiguous(),
+        batch, dim, PACKED=text.starts is not None, DOT_PRECISION=_dot_precision(text.data.dtype, True), **config,
+    )
+    return grad_text, grad_regions

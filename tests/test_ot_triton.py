@@ -1,0 +1,414 @@
+"""The Triton OT kernels (kernels.ot_triton) behind kernels.ot, against the fp64 reference (kernels.reference).
+
+On the CPU they run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1): fp32, small odd
+sizes, few iterations. Tests marked gpu run on CUDA at UNITER's sizes in fp32, fp16 and bf16.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uniter_fast.kernels import backend, ot, reference
+
+# (text, regions) lengths: odd sizes, length 1 and empty sides; pads beyond them in every problem
+SIZES = [(13, 11), (1, 5), (7, 1), (3, 0), (0, 4)]
+SIZES_B = [(3, 11), (13, 1), (1, 1), (7, 5), (0, 0)]
+DIM = 6  # low dimension: cosines spread over [-1, 1]
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(4321)
+
+
+def lens_of(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor(sizes, dtype=torch.long)
+    return lens[:, 0], lens[:, 1]
+
+
+def vectors(sizes, *, gen: torch.Generator, dim: int = DIM, dtype=torch.float64):
+    """text (B, M, D), regions (B, N, D) with random values on the pads too (the kernels must ignore them)."""
+    big_m, big_n = max(m for m, _ in sizes) + 1, max(n for _, n in sizes) + 1
+    text = torch.randn(len(sizes), big_m, dim, generator=gen, dtype=torch.float64).to(dtype)
+    regions = torch.randn(len(sizes), big_n, dim, generator=gen, dtype=torch.float64).to(dtype)
+    return text, regions, *lens_of(sizes)
+
+
+def cost_batch(sizes, *, gen: torch.Generator):
+    """A float64 cosine cost (B, M, N) with NaN on the pads (never read), and the lens."""
+    text, regions, text_lens, region_lens = vectors(sizes, gen=gen)
+    cost = reference.cosine_cost_ref(text, regions)
+    pads = pad_mask(cost, text_lens, region_lens)
+    return cost.masked_fill(pads, float("nan")), text_lens, region_lens
+
+
+def pad_mask(x: torch.Tensor, text_lens: torch.Tensor, region_lens: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(x.shape[1])[None, :] < text_lens[:, None]
+    cols = torch.arange(x.shape[2])[None, :] < region_lens[:, None]
+    return ~(rows[:, :, None] & cols[:, None, :])
+
+
+def assert_plan(plan: torch.Tensor, expected: torch.Tensor, text_lens, region_lens, rtol=1e-4, atol=1e-7) -> None:
+    assert plan.dtype == torch.float32 and bool(torch.isfinite(plan).all())
+    assert bool((plan[pad_mask(plan, text_lens, region_lens)] == 0).all())  # exactly 0 on the pads
+    torch.testing.assert_close(plan.double(), expected, rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the three algorithms against the reference, cost input
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes", [SIZES, SIZES_B])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_ipot_matches_reference(gen: torch.Generator, sizes, k: int, log_domain: bool) -> None:
+    cost, text_lens, region_lens = cost_batch(sizes, gen=gen)
+    dist, plan = ot.ipot(cost.float(), text_lens, region_lens, iterations=12, k=k, log_domain=log_domain,
+                         return_plan=True, backend="triton")
+    expected = reference.ipot_plan_ref(cost.float().double(), text_lens, region_lens, iterations=12, k=k)
+    assert_plan(plan, expected, text_lens, region_lens)
+    assert dist.dtype == torch.float32
+    torch.testing.assert_close(dist.double(), reference.transport_distance_ref(cost.float().double(), expected),
+                               rtol=1e-5, atol=1e-7)
+    empty = (text_lens == 0) | (region_lens == 0)
+    assert bool((dist[empty] == 0).all())
+
+
+def test_ipot_log_equals_ipot_at_the_original_setting(gen: torch.Generator) -> None:
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    cost = cost.float()
+    linear = ot.ipot(cost, text_lens, region_lens, return_plan=True, backend="triton")
+    logged = ot.ipot(cost, text_lens, region_lens, log_domain=True, return_plan=True, backend="triton")
+    # t C / beta reaches 200 at t = 50: fp32 rounding of the log-kernel costs up to about 1e-4 relative
+    torch.testing.assert_close(logged[1], linear[1], rtol=2e-4, atol=1e-8)
+    torch.testing.assert_close(logged[0], linear[0], rtol=1e-5, atol=1e-8)
+
+
+def test_ipot_marginals(gen: torch.Generator) -> None:
+    cost, text_lens, region_lens = cost_batch(SIZES_B, gen=gen)
+    for log_domain, rtol in ((False, 1e-5), (True, 1e-4)):  # the log form rounds t C / beta, up to 400 here
+        plan = ot.ipot(cost.float(), text_lens, region_lens, iterations=100, log_domain=log_domain,
+                       return_plan=True, backend="triton")[1]
+        for b, (m, n) in enumerate(SIZES_B):
+            if m == 0 or n == 0:
+                assert bool((plan[b] == 0).all())
+                continue
+            block = plan[b, :m, :n].double()
+            torch.testing.assert_close(block.sum(1), torch.full((m,), 1 / m, dtype=torch.float64), rtol=rtol, atol=0)
+            torch.testing.assert_close(block.sum(0), torch.full((n,), 1 / n, dtype=torch.float64), rtol=2e-2, atol=0)
+            assert block.sum().item() == pytest.approx(1.0, rel=rtol)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.02])
+def test_sinkhorn_log_matches_reference(gen: torch.Generator, eps: float) -> None:
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    dist, plan = ot.sinkhorn(cost.float(), text_lens, region_lens, eps=eps, iterations=15, return_plan=True,
+                             backend="triton")
+    expected = reference.sinkhorn_plan_ref(cost.float().double(), text_lens, region_lens, eps=eps, iterations=15)
+    assert_plan(plan, expected, text_lens, region_lens)
+    torch.testing.assert_close(dist.double(), reference.transport_distance_ref(cost.float().double(), expected),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_extreme_costs_and_empty_batches() -> None:
+    # costs at both ends of [0, 2], one problem of length 1, an empty one: finite everywhere, for every method
+    cost = torch.stack([torch.zeros(3, 4), torch.full((3, 4), 2.0), torch.eye(3, 4) * 2, torch.ones(3, 4)])
+    text_lens, region_lens = torch.tensor([3, 3, 1, 0]), torch.tensor([4, 4, 1, 2])
+    for result in (ot.ipot(cost, text_lens, region_lens, return_plan=True, backend="triton"),
+                   ot.ipot(cost, text_lens, region_lens, log_domain=True, return_plan=True, backend="triton"),
+                   ot.sinkhorn(cost, text_lens, region_lens, eps=0.01, return_plan=True, backend="triton")):
+        dist, plan = result
+        assert bool(torch.isfinite(plan).all()) and bool(torch.isfinite(dist).all())
+        assert dist[0].item() == 0 and dist[3].item() == 0 and bool((plan[3] == 0).all())
+        assert dist[1].item() == pytest.approx(2.0, rel=1e-5) and dist[2].item() == pytest.approx(2.0, rel=1e-5)
+        assert plan[2, 0, 0].item() == pytest.approx(1.0, rel=1e-6)
+    none = ot.ipot(torch.zeros(0, 3, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                   return_plan=True, backend="triton")
+    assert none[0].shape == (0,) and none[1].shape == (0, 3, 4)
+
+
+def test_fp16_cost_keeps_fp32_state(gen: torch.Generator) -> None:
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    half = cost.half()
+    dist, plan = ot.ipot(half, text_lens, region_lens, iterations=10, return_plan=True, backend="triton")
+    assert_plan(plan, reference.ipot_plan_ref(half.double(), text_lens, region_lens, iterations=10),
+                text_lens, region_lens)
+
+
+def test_cost_gradient_is_the_plan(gen: torch.Generator) -> None:
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    cost = cost.float().requires_grad_()
+    dist, plan = ot.ipot(cost, text_lens, region_lens, iterations=8, return_plan=True, backend="triton")
+    assert not plan.requires_grad
+    weights = torch.randn(len(SIZES), generator=gen)
+    (grad,) = torch.autograd.grad((dist * weights).sum(), cost)
+    torch.testing.assert_close(grad, weights[:, None, None] * plan, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vectors: the cosine cost fused, its gradient
+# ---------------------------------------------------------------------------------------------------------
+
+METHOD_ARGS = {"ipot": {"k": 2}, "ipot_log": {}, "sinkhorn_log": {"eps": 0.1}}
+
+
+def reference_plan(method: str, cost: torch.Tensor, text_lens, region_lens, iterations: int) -> torch.Tensor:
+    if method == "sinkhorn_log":
+        return reference.sinkhorn_plan_ref(cost, text_lens, region_lens, eps=0.1, iterations=iterations)
+    return reference.ipot_plan_ref(cost, text_lens, region_lens, iterations=iterations,
+                                   k=METHOD_ARGS[method].get("k", 1))
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_fused_cosine_and_envelope_gradient(gen: torch.Generator, method: str) -> None:
+    text, regions, text_lens, region_lens = vectors(SIZES_B, gen=gen, dim=20)
+    text[3, 2] = 0  # a zero vector: F.normalize's eps branch
+    text32 = text.float().requires_grad_()
+    regions32 = regions.float().requires_grad_()
+    dist, plan = ot.wra_distance(text32, regions32, text_lens, region_lens, iterations=10, method=method,
+                                 return_plan=True, backend="triton", **METHOD_ARGS[method])
+    # oracle: cosine cost and plan in fp64 from the same fp32 vectors, the plan detached
+    text64 = text.float().double().requires_grad_()
+    regions64 = regions.float().double().requires_grad_()
+    cost = reference.cosine_cost_ref(text64, regions64)
+    expected = reference_plan(method, cost.detach(), text_lens, region_lens, 10)
+    expected_dist = reference.transport_distance_ref(cost, expected)
+    assert_plan(plan, expected, text_lens, region_lens)
+    torch.testing.assert_close(dist.double(), expected_dist, rtol=1e-5, atol=1e-7)
+
+    weights = torch.randn(len(SIZES_B), generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((dist * weights.float()).sum(), (text32, regions32))
+    expected_grads = torch.autograd.grad((expected_dist * weights).sum(), (text64, regions64))
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert bool((grads[0][0, 13:] == 0).all()) and bool((grads[1][4] == 0).all())  # pads and empty problems
+
+
+def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
+    text, regions, text_lens, region_lens = vectors([(3, 2), (2, 3), (1, 2)], gen=gen, dim=4)
+    text.requires_grad_()
+    regions.requires_grad_()
+
+    def dist(t, r):
+        return ot.wra_distance(t, r, text_lens, region_lens, iterations=4, grad="unrolled", backend="torch")
+
+    assert torch.autograd.gradcheck(dist, (text, regions))
+    # and it is not the envelope gradient
+    unrolled = torch.autograd.grad(dist(text, regions).sum(), text)[0]
+    envelope = torch.autograd.grad(ot.wra_distance(text, regions, text_lens, region_lens, iterations=4,
+                                                   backend="torch").sum(), text)[0]
+    assert (unrolled - envelope).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_tolerance_stops_each_problem_early(gen: torch.Generator, method: str) -> None:
+    text, regions, text_lens, region_lens = vectors(SIZES, gen=gen)
+    args = (text.float(), regions.float(), text_lens, region_lens)
+    kwargs = dict(method=method, return_plan=True, backend="triton", **METHOD_ARGS[method])
+    dist, plan, counts = ot.wra_distance(*args, iterations=60, tol=1e-3, **kwargs)
+    assert counts.dtype == torch.int32
+    empty = (text_lens == 0) | (region_lens == 0)
+    assert bool((counts[empty] == 0).all()) and bool((counts[~empty] >= 1).all())
+    assert bool((counts < 60).any())  # someone stopped early ...
+    for count in counts[~empty].unique().tolist():  # ... exactly where a run of that many iterations ends
+        fixed = ot.wra_distance(*args, iterations=count, **kwargs)
+        chosen = (counts == count).nonzero().flatten()
+        torch.testing.assert_close(plan[chosen], fixed[1][chosen], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(dist[chosen], fixed[0][chosen], rtol=1e-6, atol=1e-9)
+        if count < 60:  # stopped: the column marginals are within tol
+            for b in chosen.tolist():
+                m, n = SIZES[b]
+                assert (plan[b, :m, :n].sum(0) - 1 / n).abs().sum().item() <= 1e-3
+    # the reference runs every iteration and says so
+    counts_ref = ot.wra_distance(*args, iterations=7, tol=1e-3, method=method, backend="torch",
+                                 **METHOD_ARGS[method])[1]
+    assert counts_ref.tolist() == [0 if e else 7 for e in empty.tolist()]
+
+
+def test_packed_equals_padded(gen: torch.Generator) -> None:
+    text_lens, region_lens = lens_of(SIZES)
+    # a packed layout as the encoder's: each sample's words, then its regions, then a gap row
+    text_starts, region_starts, row = [], [], 0
+    for m, n in SIZES:
+        text_starts.append(row)
+        region_starts.append(row + m)
+        row += m + n + 1
+    text_starts, region_starts = torch.tensor(text_starts), torch.tensor(region_starts)
+    hidden = torch.randn(row, 12, generator=gen).requires_grad_()
+    max_m, max_n = 14, 12
+    packed = ot.wra_distance_packed(hidden, text_starts, text_lens, region_starts, region_lens, max_m, max_n,
+                                    iterations=8, return_plan=True, backend="triton")
+    grad_packed = torch.autograd.grad(packed[0].sum(), hidden)[0]
+    text = reference.pad_rows(hidden, text_starts, text_lens, max_m)
+    regions = reference.pad_rows(hidden, region_starts, region_lens, max_n)
+    padded = ot.wra_distance(text, regions, text_lens, region_lens, iterations=8, return_plan=True, backend="triton")
+    grad_padded = torch.autograd.grad(padded[0].sum(), hidden)[0]
+    torch.testing.assert_close(packed[0], padded[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(packed[1], padded[1], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(grad_packed, grad_padded, rtol=1e-5, atol=1e-7)
+    assert bool((grad_packed[text_starts[0] + 13 + 11] == 0).all())  # the gap row belongs to no problem
+    # the reference path pads the same rows
+    reference_dist = ot.wra_distance_packed(hidden, text_starts, text_lens, region_starts, region_lens, max_m, max_n,
+                                            iterations=8, backend="torch")
+    torch.testing.assert_close(reference_dist, padded[0], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arguments and backends
+# ---------------------------------------------------------------------------------------------------------
+
+_X = torch.randn(2, 3, 4)
+_Y = torch.randn(2, 5, 4)
+_T = torch.tensor([3, 1])
+_R = torch.tensor([5, 2])
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((_X[0], _Y, _T, _R), {}, ValueError, r"text must be 3-D \(batch, words, dim\)"),
+        ((_X, _Y.long(), _T, _R), {}, TypeError, "regions must be a floating-point tensor"),
+        ((_X, _Y[:1], _T, _R), {}, ValueError, r"regions.shape\[0\] is 1 but text.shape\[0\] is 2"),
+        ((_X, _Y[..., :3], _T, _R), {}, ValueError, r"regions.shape\[2\] is 3 but text.shape\[2\] is 4"),
+        ((_X, _Y.double(), _T, _R), {}, TypeError, "regions has dtype torch.float64 but text has torch.float32"),
+        ((_X, _Y, torch.tensor([4, 1]), _R), {}, ValueError, r"text_lens must lie in \[0, 3\] \(text.shape\[1\]\)"),
+        ((_X, _Y, _T, _R[:1]), {}, ValueError, "region_lens must be 1-D of length 2"),
+        ((_X, _Y, _T, _R), {"method": "emd"}, ValueError, "method must be one of ipot, ipot_log, sinkhorn_log"),
+        ((_X, _Y, _T, _R), {"method": "sinkhorn_log"}, ValueError, "needs eps"),
+        ((_X, _Y, _T, _R), {"method": "sinkhorn_log", "eps": 0.1, "grad": "unrolled"}, ValueError, "IPOT methods"),
+        ((_X, _Y, _T, _R), {"grad": "implicit"}, ValueError, "grad must be one of envelope, unrolled"),
+        ((_X, _Y, _T, _R), {"tol": 0.0}, ValueError, "tol must be finite and > 0"),
+        ((_X, _Y, _T, _R), {"k": 0}, ValueError, "k must be >= 1"),
+    ],
+)
+def test_wra_validation(args: tuple, kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        ot.wra_distance(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"hidden": torch.randn(2, 3, 4)}, ValueError, r"hidden must be 2-D \(total rows, dim\)"),
+        ({"text_starts": torch.tensor([0.0, 3.0])}, TypeError, "text_starts must be an integer tensor"),
+        ({"region_starts": torch.tensor([3, 9])}, ValueError, r"region_starts \+ region_lens must be <= 10"),
+        ({"max_text_len": 2}, ValueError, r"text_lens must lie in \[0, 2\] \(max_text_len\)"),
+        ({"max_regions": -1}, ValueError, "max_regions must be >= 0"),
+        ({"region_lens": torch.tensor([4])}, ValueError, r"region_lens must be 1-D of length 2 \(text_lens' length\)"),
+    ],
+)
+def test_packed_validation(change: dict, error: type, match: str) -> None:
+    args = {"hidden": torch.randn(10, 4), "text_starts": torch.tensor([0, 5]), "text_lens": torch.tensor([3, 2]),
+            "region_starts": torch.tensor([3, 7]), "region_lens": torch.tensor([2, 3]), "max_text_len": 3,
+            "max_regions": 3}
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ot.wra_distance_packed(**args)
+
+
+def test_explicit_triton_refuses_fp64(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(backend.ENV_VAR, "triton")
+    with pytest.raises(backend.BackendUnavailable, match="ipot.*dtype torch.float64"):
+        ot.ipot(torch.zeros(2, 3, 4, dtype=torch.float64), _T, _R.clamp(max=4))
+    with pytest.raises(backend.BackendUnavailable, match="wra_distance.*float64"):
+        ot.wra_distance(_X.double(), _Y.double(), _T, _R)
+
+
+def test_auto_on_cpu_uses_the_reference(gen: torch.Generator) -> None:
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    cost = cost.nan_to_num(0.5).float()
+    dist, plan = ot.ipot(cost, text_lens, region_lens, return_plan=True)  # auto: no interpreter for auto
+    torch.testing.assert_close(plan, reference.ipot_plan_ref(cost, text_lens, region_lens), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA at UNITER's sizes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def uniter_batch(dtype: torch.dtype, dim: int = 768, batch: int = 64, device: str = "cuda"):
+    """UNITER-sized vectors: up to 60 words and 100 regions, a length-1 text and an empty region side."""
+    gen = torch.Generator().manual_seed(7)
+    max_m, max_n = 60, 100
+    text_lens = torch.randint(1, max_m + 1, (batch,), generator=gen)
+    region_lens = torch.randint(10, max_n + 1, (batch,), generator=gen)
+    text_lens[0], region_lens[1] = 1, 0
+    text = torch.randn(batch, max_m, dim, generator=gen).to(dtype)
+    regions = torch.randn(batch, max_n, dim, generator=gen).to(dtype)
+    return text.to(device), regions.to(device), text_lens.to(device), region_lens.to(device)
+
+
+def error_against(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return (got.double() - exact).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_cuda_cost_input_at_uniter_size(dtype: torch.dtype, method: str) -> None:
+    text, regions, text_lens, region_lens = uniter_batch(torch.float32)
+    cost = reference.cosine_cost_ref(text, regions).to(dtype)
+    exact = reference_plan(method, cost.double(), text_lens, region_lens, 50)
+    same_dtype_reference = reference_plan(method, cost, text_lens, region_lens, 50)
+    if method == "sinkhorn_log":
+        dist, plan = ot.sinkhorn(cost, text_lens, region_lens, eps=0.1, iterations=50, return_plan=True)
+    else:
+        dist, plan = ot.ipot(cost, text_lens, region_lens, iterations=50, k=METHOD_ARGS[method].get("k", 1),
+                             log_domain=method == "ipot_log", return_plan=True)
+    assert plan.dtype == torch.float32 and bool(torch.isfinite(plan).all()) and bool(torch.isfinite(dist).all())
+    assert bool((plan[pad_mask(plan.cpu(), text_lens.cpu(), region_lens.cpu()).to(plan.device)] == 0).all())
+    # DESIGN: at most twice the reference path's own error in the same dtype; the log form also rounds
+    # t C / beta (up to 200) in fp32, about 1e-4 of the largest entry
+    slack = 2e-4 * exact.abs().max().item() if method == "ipot_log" else 1e-7
+    assert error_against(plan, exact) <= 2 * error_against(same_dtype_reference, exact) + slack
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_fused_wra_at_uniter_size(dtype: torch.dtype) -> None:
+    text, regions, text_lens, region_lens = uniter_batch(dtype)
+    text.requires_grad_()
+    regions.requires_grad_()
+    dist, plan = ot.wra_distance(text, regions, text_lens, region_lens, return_plan=True)
+    weights = torch.randn(text.shape[0], device=text.device)
+    grads = torch.autograd.grad((dist * weights).sum(), (text, regions))
+    # oracle: fp64 from the same rounded vectors
+    t64, r64 = text.detach().double().requires_grad_(), regions.detach().double().requires_grad_()
+    cost = reference.cosine_cost_ref(t64, r64)
+    exact = reference.ipot_plan_ref(cost.detach(), text_lens, region_lens)
+    exact_dist = reference.transport_distance_ref(cost, exact)
+    exact_grads = torch.autograd.grad((exact_dist * weights.double()).sum(), (t64, r64))
+    # the reference path in the same dtype
+    t_ref, r_ref = text.detach().clone().requires_grad_(), regions.detach().clone().requires_grad_()
+    ref_dist, ref_plan = ot.wra_distance(t_ref, r_ref, text_lens, region_lens, return_plan=True, backend="torch")
+    ref_grads = torch.autograd.grad((ref_dist * weights).sum(), (t_ref, r_ref))
+    assert bool(torch.isfinite(plan).all()) and bool(torch.isfinite(dist).all())
+    assert error_against(plan, exact) <= 2 * error_against(ref_plan, exact) + 1e-7
+    assert error_against(dist, exact_dist) <= 2 * error_against(ref_dist, exact_dist) + 1e-6
+    for got, ref, want in zip(grads, ref_grads, exact_grads):
+        assert got.dtype == dtype and bool(torch.isfinite(got).all())
+        assert error_against(got, want) <= 2 * error_against(ref, want) + 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_cuda_tolerance_and_packed() -> None:
+    text, regions, text_lens, region_lens = uniter_batch(torch.bfloat16, dim=64)
+    dist, plan, counts = ot.wra_distance(text, regions, text_lens, region_lens, iterations=200, tol=1e-3,
+                                         return_plan=True)
+    assert counts.device == text.device and int(counts[1]) == 0 and 1 <= int(counts[0]) < 200
+    columns = plan.sum(1) - torch.where(region_lens > 0, 1 / region_lens.clamp(min=1), 0)[:, None]
+    columns = torch.where(torch.arange(plan.shape[2], device=plan.device) < region_lens[:, None], columns, 0)
+    assert bool((columns.abs().sum(1)[counts < 200] <= 1e-3 + 1e-5).all())
+    chosen = int(counts.max())  # the problems that ran longest match a fixed run of that many iterations
+    fixed = ot.wra_distance(text, regions, text_lens, region_lens, iterations=chosen)
+    torch.testing.assert_close(dist[counts == chosen], fixed[counts == chosen], rtol=1e-6, atol=1e-7)
+    # packed: the padded rows laid end to end
+    batch, dim = text.shape[0], text.shape[2]
+    hidden = torch.cat([text.reshape(-1, dim), regions.reshape(-1, dim)])
+    text_starts = torch.arange(batch, device=text.device) * text.shape[1]
+    region_starts = batch * text.shape[1] + torch.arange(batch, device=text.device) * regions.shape[1]
+    packed = ot.wra_distance_packed(hidden, text_starts, text_lens, region_starts, region_lens, text.shape[1],
+                                    regions.shape[1])
+    torch.testing.assert_close(packed, ot.wra_distance(text, regions, text_lens, region_lens), rtol=1e-6, atol=1e-7)
