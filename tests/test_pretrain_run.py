@@ -95,6 +95,6 @@ def test_warmup_linear_schedule():
 def test_env_report_names_each_op(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    for op in ("ipot", "sinkhorn", "varlen_attention"):
+    for op in ("ipot", "sinkhorn", "wra_distance", "varlen_attention"):
         assert op in out
     assert "torch" in out

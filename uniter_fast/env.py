@@ -20,9 +20,11 @@ def op_backends(device: torch.device, backend: str | None = None) -> dict[str, t
     from uniter_fast.kernels import attention, ot
     from uniter_fast.kernels.backend import BackendUnavailable, explain
 
+    cost = (torch.empty(0, 60, 100, device="meta"),)  # UNITER's sizes: 60 words x 100 regions
     reasons = {
-        "ipot": ot._triton_reason("ipot", ot._IPOT_PLAN),
-        "sinkhorn": ot._triton_reason("sinkhorn", ot._SINKHORN_PLAN),
+        "ipot": ot._triton_reason(cost, 60, 100),
+        "sinkhorn": ot._triton_reason(cost, 60, 100),
+        "wra_distance": ot._triton_reason(cost, 60, 100),
         "varlen_attention": attention._triton_reason(torch.empty(0, 1, 64, device="meta")),
     }
     out = {}
