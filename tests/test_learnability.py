@@ -1,4 +1,4 @@
-"""The cross-modal path learns: a word position predicts what the image shows (a probe, not a benchmark).
+"""The cross-modal path learns: a word predicts what the image shows, and ITM tells matched pairs from swapped ones.
 
 With BERT's initializer_range of 0.02 at the tiny width this probe stays at chance for 1500 updates; the tiny
 preset's 0.1 passes it in a few hundred. It guards the image -> text path and the preset's initialisation.
@@ -9,9 +9,14 @@ import torch
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.packing import pack_batch
+from uniter_fast.data.pretrain import MaskingOptions, make_task_batch
+from uniter_fast.data.sampler import TokenBucketSampler
 from uniter_fast.data.synthetic import WorldConfig, make_world
 from uniter_fast.model import UniterForPretraining
 from uniter_fast.objectives.tasks import PretrainBatch
+from uniter_fast.train.config import DataOptions, PretrainConfig
+from uniter_fast.train.engine import build_optimizer
+from uniter_fast.train.loop import build_synthetic_data
 
 
 @pytest.mark.slow
@@ -40,3 +45,36 @@ def test_masked_word_learns_the_images_main_object():
         optimizer.step()
         hits.append(out.metrics["acc"].item())
     assert np.mean(hits[-50:]) > 0.5, f"accuracy {np.mean(hits[-50:]):.3f} (chance {1 / len(names):.3f})"
+
+
+@pytest.mark.slow
+def test_image_text_matching_learns_on_held_out_pairs():
+    """ITM alone on a small world: held-out accuracy far above chance in a few hundred updates.
+
+    It guards the whole matching path (image-swap negatives, pooler, head). A harder world plateaus far longer:
+    with 4-8 regions ITM alone escapes chance near update 200, and near 550 with the original's dropout of 0.1.
+    """
+    world = WorldConfig(num_train_images=1000, num_val_images=100, captions_per_image=3, num_classes=4,
+                        max_objects=1, min_regions=2, max_regions=3, feature_noise=0.3)
+    cfg = PretrainConfig(data=DataOptions(world=world, vocab_size=150), learning_rate=1e-3, warmup_steps=100,
+                         num_train_steps=300)
+    data = build_synthetic_data(cfg)
+    torch.manual_seed(0)
+    model = UniterForPretraining(UniterConfig.tiny(vocab_size=data.tokenizer.vocab_size))
+    optimizer, schedule = build_optimizer(model, cfg)  # the original's AdamW and warm-up-linear schedule
+    options = MaskingOptions()
+    train = iter(TokenBucketSampler(data.train.lens, batch_tokens=1536, seed=0))
+    for step in range(cfg.num_train_steps):
+        out = model(make_task_batch(data.train, "itm", next(train), np.random.default_rng(step), options))
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_norm)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    val = iter(TokenBucketSampler(data.val.lens, batch_tokens=4096, seed=1))
+    with torch.no_grad():
+        accs = [model(make_task_batch(data.val, "itm", next(val), np.random.default_rng(10_000 + i), options))
+                .metrics["acc"].item() for i in range(4)]
+    # a negative image shows the caption's class a quarter of the time: the best accuracy is about 0.88
+    assert np.mean(accs) > 0.75, f"held-out ITM accuracy {np.mean(accs):.3f} (chance 0.5)"
