@@ -27,10 +27,13 @@ is below tol, checked on the device every iteration (triton); the torch referenc
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from . import reference
 from .backend import choose
@@ -320,3 +323,39 @@ def wra_distance_packed(
                               positive=positive, counts=counts)
     return _wra(hidden, hidden, text_starts, region_starts, text_lens, region_lens, (max_text_len, max_regions),
                 method, reference_kw, return_plan, grad, tol, backend)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# module
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """How WRA solves its transport; the defaults are the original's (IPOT, beta 0.5, 50 iterations, k 1)."""
+
+    method: str = "ipot"  # "ipot", "ipot_log" or "sinkhorn_log"
+    beta: float = 0.5
+    iterations: int = 50
+    k: int = 1
+    eps: float | None = None  # sinkhorn_log only
+    grad: str = "envelope"  # or "unrolled"
+    tol: float | None = None
+
+
+class WordRegionDistance(nn.Module):
+    """wra_distance_packed as a layer: the transport distance (B,) between each sample's word rows and region
+    rows of a packed encoder output (then the iterations run, when options.tol is set)."""
+
+    def __init__(self, options: TransportOptions = TransportOptions(), backend: str | None = None):
+        super().__init__()
+        self.options, self.backend = options, backend
+
+    def forward(self, hidden: torch.Tensor, text_starts: torch.Tensor, text_lens: torch.Tensor,
+                region_starts: torch.Tensor, region_lens: torch.Tensor, max_text_len: int,
+                max_regions: int) -> torch.Tensor:
+        return wra_distance_packed(hidden, text_starts, text_lens, region_starts, region_lens, max_text_len,
+                                   max_regions, **dataclasses.asdict(self.options), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.options}, backend={self.backend!r}"

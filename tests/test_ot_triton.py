@@ -255,6 +255,21 @@ def test_packed_equals_padded(gen: torch.Generator) -> None:
     torch.testing.assert_close(reference_dist, padded[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["ipot", "sinkhorn_log"])
+def test_module_equals_the_functional(gen: torch.Generator, method: str) -> None:
+    texts, regions = (torch.randn(4, 6, 8, generator=gen), torch.randn(4, 9, 8, generator=gen))
+    hidden = torch.cat([texts.flatten(0, 1), regions.flatten(0, 1)])
+    text_lens, region_lens = torch.tensor([6, 1, 0, 4]), torch.tensor([9, 3, 5, 9])
+    text_starts, region_starts = torch.arange(4) * 6, 24 + torch.arange(4) * 9
+    options = ot.TransportOptions(method=method, iterations=9, **METHOD_ARGS[method])
+    layer = ot.WordRegionDistance(options, backend="triton")
+    got = layer(hidden, text_starts, text_lens, region_starts, region_lens, 6, 9)
+    want = ot.wra_distance(texts, regions, text_lens, region_lens, method=method, iterations=9, backend="torch",
+                           **METHOD_ARGS[method])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert "iterations=9" in repr(layer)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # arguments and backends
 # ---------------------------------------------------------------------------------------------------------
