@@ -39,6 +39,16 @@ def test_task_sampler_follows_mix_ratios_and_is_a_function_of_the_update():
                                                         for u in range(50)]
 
 
+
+def test_task_sampler_runs_its_phases_first():
+    mix = {"itm": 2, "mlm": 2, "mrfr": 1, "mrckl": 1}
+    phases = ({"steps": 30, "tasks": {"itm": 1}}, {"steps": 20, "tasks": {"mlm": 1, "mrfr": 1}})
+    sampler = TaskSampler(mix, seed=42, phases=phases)
+    assert {sampler.task_for(u) for u in range(30)} == {"itm"}
+    assert {sampler.task_for(u) for u in range(30, 50)} == {"mlm", "mrfr"}
+    plain = TaskSampler(mix, seed=42)
+    assert [sampler.task_for(u) for u in range(50, 500)] == [plain.task_for(u) for u in range(50, 500)]
+
 @dataclass
 class _Image:
     features: np.ndarray

@@ -65,6 +65,12 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     path.write_text(json.dumps({"tasks": {"mlm": 1, "vqa": 1}}))
     with pytest.raises(ValueError, match="unknown task 'vqa'"):
         PretrainConfig.from_json(path)
+    path.write_text(json.dumps({"task_phases": [{"steps": 10, "tasks": {"itm": 0}}]}))
+    with pytest.raises(ValueError, match=r"task_phases\[0\]\.tasks: the mix ratio of 'itm'"):
+        PretrainConfig.from_json(path)
+    path.write_text(json.dumps({"task_phases": [{"steps": 10}]}))
+    with pytest.raises(ValueError, match=r"task_phases\[0\]: expected an object with exactly the keys"):
+        PretrainConfig.from_json(path)
     path.write_text(json.dumps({"data": {"world": {"num_train_images": 0}}}))
     with pytest.raises(ValueError, match=r"data: world.*num_train_images"):
         PretrainConfig.from_json(path)

@@ -44,6 +44,8 @@ class PretrainConfig:
     eval: EvalOptions = EvalOptions()
     # one task per update, drawn with these weights (the original's mix_ratio)
     tasks: dict = field(default_factory=lambda: {"itm": 2, "mlm": 2, "mrfr": 1, "mrckl": 1})
+    # ours: phases run first, each {"steps": n, "tasks": mix}; then `tasks` for the rest of the run
+    task_phases: tuple = ()
     mrm_prob: float = 0.15
     itm_neg_prob: float = 0.5
     itm_ot_lambda: float = 0.1
@@ -64,13 +66,14 @@ class PretrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ValueError("tasks: at least one pre-training task is needed")
-        for task, ratio in self.tasks.items():
-            if task not in TASKS:
-                raise ValueError(f"tasks: unknown task {task!r}; expected some of {', '.join(TASKS)}")
-            if not isinstance(ratio, int) or ratio < 1:
-                raise ValueError(f"tasks: the mix ratio of {task!r} must be a positive integer, got {ratio!r}")
+        _check_mix(self.tasks, "tasks")
+        for i, phase in enumerate(self.task_phases):
+            where = f"task_phases[{i}]"
+            if not isinstance(phase, dict) or set(phase) != {"steps", "tasks"}:
+                raise ValueError(f"{where}: expected an object with exactly the keys 'steps' and 'tasks', got {phase!r}")
+            if isinstance(phase["steps"], bool) or not isinstance(phase["steps"], int) or phase["steps"] < 1:
+                raise ValueError(f"{where}.steps must be a positive integer, got {phase['steps']!r}")
+            _check_mix(phase["tasks"], f"{where}.tasks")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision {self.precision!r}: expected fp32, bf16 or fp16")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -90,6 +93,17 @@ class PretrainConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "PretrainConfig":
         return _build(cls, read_json_object(path, "pre-training config"), str(path))
+
+
+def _check_mix(mix, where: str) -> None:
+    """A mix is {task: positive integer ratio} over known tasks."""
+    if not isinstance(mix, dict) or not mix:
+        raise ValueError(f"{where}: at least one pre-training task is needed, as {{task: ratio}}")
+    for task, ratio in mix.items():
+        if task not in TASKS:
+            raise ValueError(f"{where}: unknown task {task!r}; expected some of {', '.join(TASKS)}")
+        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+            raise ValueError(f"{where}: the mix ratio of {task!r} must be a positive integer, got {ratio!r}")
 
 
 def _build(cls, data, where: str):

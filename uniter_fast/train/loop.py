@@ -97,9 +97,9 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     else:
         model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda)
     engine = build_engine(model.to(device), cfg)
-    tasks = list(cfg.tasks)
+    tasks = list(dict.fromkeys([*cfg.tasks, *(t for phase in cfg.task_phases for t in phase["tasks"])]))
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
-    sampler = TaskSampler(cfg.tasks, cfg.seed)
+    sampler = TaskSampler(cfg.tasks, cfg.seed, cfg.task_phases)
 
     history: list[dict] = []
     recent: dict[str, deque] = {t: deque(maxlen=20) for t in tasks}
