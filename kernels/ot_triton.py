@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import interpreting
+
 METHODS = {"ipot": 0, "ipot_log": 1, "sinkhorn_log": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
@@ -360,6 +362,8 @@ def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16 operands forward, exact
     backward (tf32 is no finer than the fp16 gradient it would feed)."""
     if dtype == torch.float32 or (backward and dtype == torch.float16):
+        return "ieee"
+    if dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 dot gives NaN (numpy has no bf16)
         return "ieee"
     return "tf32"
 

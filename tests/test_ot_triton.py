@@ -270,6 +270,22 @@ def test_module_equals_the_functional(gen: torch.Generator, method: str) -> None
     assert "iterations=9" in repr(layer)
 
 
+def test_bf16_vectors_on_the_cpu(gen: torch.Generator) -> None:
+    """bf16 inputs, fp32 state: the distance and gradients of the bf16-rounded vectors (the interpreter upcasts
+    the dot; the GPU's bf16 tensor-core path is the gpu-marked tests' to check)."""
+    text, regions = torch.randn(3, 7, 16, generator=gen), torch.randn(3, 11, 16, generator=gen)
+    text_lens, region_lens = torch.tensor([7, 3, 1]), torch.tensor([11, 5, 2])
+    results = {}
+    for name, dtype in (("triton", torch.bfloat16), ("torch", torch.float32)):
+        t = text.bfloat16().to(dtype).requires_grad_()
+        r = regions.bfloat16().to(dtype).requires_grad_()
+        dist = ot.wra_distance(t, r, text_lens, region_lens, iterations=10, backend=name)
+        dist.sum().backward()
+        results[name] = (dist.float(), t.grad.float(), r.grad.float())
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # arguments and backends
 # ---------------------------------------------------------------------------------------------------------
