@@ -134,3 +134,12 @@ def test_from_vocab_file_missing_token(tmp_path, missing):
 def test_from_vocab_file_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_vocab.txt"):
         Tokenizer.from_vocab_file(tmp_path / "no_vocab.txt")
+
+
+def test_training_is_deterministic(captions):
+    """The trainer numbers tied tokens in hash order; ours renumbers them, so every run sees the same ids."""
+    first = Tokenizer.train(captions, vocab_size=120)
+    for _ in range(3):
+        again = Tokenizer.train(captions, vocab_size=120)
+        assert again._tok.get_vocab() == first._tok.get_vocab()
+        assert again.encode_batch(captions) == first.encode_batch(captions)

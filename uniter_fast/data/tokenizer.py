@@ -63,7 +63,11 @@ class Tokenizer:
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                             initial_alphabet=alphabet, show_progress=False)
         tok.train_from_iterator(texts, trainer)
-        return cls(tok)
+        # the trainer numbers tied tokens in hash order, different in every call: renumber them deterministically
+        # (specials at 0..4, then the rest sorted, so '!' (0x21) comes first and every '##' piece after it)
+        learnt = tok.get_vocab()
+        order = list(SPECIAL_TOKENS) + sorted(t for t in learnt if t not in SPECIAL_TOKENS)
+        return cls(_bert_pipeline(models.WordPiece({t: i for i, t in enumerate(order)}, unk_token=UNK), lowercase))
 
     @classmethod
     def from_vocab_file(cls, path: str | Path, lowercase: bool = False) -> "Tokenizer":
