@@ -2,17 +2,83 @@
 
 q, k, v: (total_tokens, heads, head_dim); sample b owns rows cu_seqlens[b] .. cu_seqlens[b+1]; nothing attends
 across samples. `max_seqlen` is a host int carried by the packed batch, so no call synchronises with the device.
+
+The stack: Triton kernels and launchers (attention_triton.py) -> `_VarlenAttention` (autograd) ->
+`varlen_attention` (functional, backend dispatch) -> `VarlenAttention` (nn.Module, `AttentionOptions`).
+Backends: "torch" (kernels/reference.py: pad, SDPA with a key mask, unpad), "triton", and "xformers"
+(memory_efficient_attention with a block-diagonal mask, where it imports and runs; never chosen by "auto").
 """
 from __future__ import annotations
 
-import torch
+import math
+import numbers
+from dataclasses import dataclass
 
-from . import reference
-from .backend import choose
+import torch
+from torch import nn
+
+from . import attention_xformers, reference
+from .backend import BackendUnavailable, choose, requested_backend
+
+
+def _kernels():
+    from . import attention_triton  # imported on first use: triton loads only when a kernel runs
+
+    return attention_triton
 
 
 def _triton_reason(q: torch.Tensor) -> str | None:
-    return "no triton kernel for varlen_attention in this version"
+    """Why the triton kernels cannot serve q (without importing triton on machines that never run them)."""
+    from .attention_triton import unsupported
+
+    return unsupported(q)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed):
+        out, lse = _kernels().forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, softmax_scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _kernels().backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale) -> None:
+    """Raise naming the argument; lengths are checked against cu_seqlens' values only on the CPU (no sync)."""
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"varlen_attention: q, k, v must share one (total, heads, head_dim) shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise TypeError(f"varlen_attention: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"varlen_attention: cu_seqlens must be a 1-D int32/int64 tensor of batch+1 offsets, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device or k.device != q.device or v.device != q.device:
+        raise ValueError(f"varlen_attention: q, k, v and cu_seqlens must be on one device, got {q.device}, "
+                         f"{k.device}, {v.device}, {cu_seqlens.device}")
+    if not isinstance(max_seqlen, numbers.Integral) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+        raise ValueError(f"varlen_attention: max_seqlen must be a non-negative int (the packed batch's), "
+                         f"got {max_seqlen!r}")
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"varlen_attention: dropout_p must be in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, numbers.Real) and math.isfinite(softmax_scale)
+                                          and softmax_scale > 0):
+        raise ValueError(f"varlen_attention: softmax_scale must be a finite number > 0, got {softmax_scale!r}")
+    if cu_seqlens.device.type == "cpu":
+        offsets = cu_seqlens.tolist()
+        lens = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        if offsets[0] != 0 or offsets[-1] != q.shape[0] or min(lens, default=0) < 0:
+            raise ValueError(f"varlen_attention: cu_seqlens must rise from 0 to total_tokens={q.shape[0]}, "
+                             f"got {offsets[:8]}{' ...' if len(offsets) > 8 else ''}")
+        if max(lens, default=0) > max_seqlen:
+            raise ValueError(f"varlen_attention: max_seqlen={max_seqlen} is below the longest sample "
+                             f"({max(lens)} tokens, sample {lens.index(max(lens))})")
 
 
 def varlen_attention(
@@ -27,15 +93,52 @@ def varlen_attention(
     deterministic: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v within each sample, with attention dropout; returns (total_tokens, heads, head_dim)."""
-    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"varlen_attention: q, k, v must share one (total, heads, head_dim) shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"varlen_attention: cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} "
-                         f"of shape {tuple(cu_seqlens.shape)}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"varlen_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    choose("varlen_attention", backend, q.device, _triton_reason(q))
-    return reference.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
-                                          softmax_scale=softmax_scale)
+    """softmax(q k^T * scale) v within each sample, with attention dropout; returns (total_tokens, heads, head_dim).
+
+    Dropout in the triton kernel is Philox keyed by a seed drawn from torch's CPU generator, so `torch.manual_seed`
+    makes it reproducible. The triton backward has no atomics: it is deterministic whatever `deterministic` says;
+    `deterministic=True` refuses the xformers backend, whose backward may not be.
+    """
+    _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if requested_backend(backend) == "xformers":
+        reason = attention_xformers.unavailable(q)
+        if reason is None and deterministic:
+            reason = "deterministic=True: xformers' backward may accumulate with atomics"
+        if reason is not None:
+            raise BackendUnavailable(f"varlen_attention: the xformers backend cannot serve this call: {reason}")
+        try:
+            return attention_xformers.varlen_attention(q, k, v, cu_seqlens, dropout_p=dropout_p, softmax_scale=scale)
+        except NotImplementedError as err:  # it imports, but no operator of this build serves the call
+            raise BackendUnavailable(f"varlen_attention: the xformers backend cannot serve this call: "
+                                     f"{str(err).splitlines()[0]}") from err
+    if choose("varlen_attention", backend, q.device, _triton_reason(q)) == "torch":
+        return reference.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                              softmax_scale=scale)
+    seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p > 0 else 0
+    return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    dropout_p: float = 0.0                # applied in training mode only
+    softmax_scale: float | None = None    # None: 1 / sqrt(head_dim)
+    deterministic: bool = False
+    backend: str | None = None            # auto | torch | triton | xformers (None: auto)
+
+
+class VarlenAttention(nn.Module):
+    """`varlen_attention` as a module; `probs=True` also returns each sample's attention probabilities
+    (heads, L_b, L_b), computed by the reference in fp32 without dropout, for attention maps."""
+
+    def __init__(self, options: AttentionOptions = AttentionOptions()):
+        super().__init__()
+        self.options = options
+
+    def forward(self, q, k, v, cu_seqlens, max_seqlen: int, *, probs: bool = False):
+        o = self.options
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=o.dropout_p if self.training else 0.0,
+                               softmax_scale=o.softmax_scale, deterministic=o.deterministic, backend=o.backend)
+        if not probs:
+            return out
+        return out, reference.attention_probs_ref(q.detach(), k.detach(), cu_seqlens, softmax_scale=o.softmax_scale)

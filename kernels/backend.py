@@ -12,7 +12,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "xformers")  # xformers serves attention only (kernels/attention.py)
 ENV_VAR = "UNITER_FAST_BACKEND"
 
 log = logging.getLogger("uniter_fast.kernels")
@@ -43,6 +43,8 @@ def explain(op: str, backend: str | None, device: torch.device, triton_reason: s
     triton_reason: why the triton kernel cannot serve this call (dtype, head size, no kernel built), or None.
     """
     choice = requested_backend(backend)
+    if choice == "xformers":  # it names attention's backend; an op without an xformers path chooses automatically
+        choice = "auto"
     if choice == "torch":
         return "torch", "requested"
     if triton_reason is None and device.type != "cuda" and not (choice == "triton" and interpreting()):

@@ -55,20 +55,29 @@ def varlen_attention_ref(
     *,
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sample: q, k, v (total, heads, head_dim) -> (total, heads, head_dim).
 
     Pads to (B, heads, max_seqlen, head_dim), runs scaled_dot_product_attention with a key-padding mask and
     unpads. A key-padding mask with -inf equals the original's additive -10000 in fp32 (exp underflows to 0).
+    dropout_mask: (B, heads, max_seqlen, max_seqlen) bool keep-mask to apply instead of drawing one (the tests
+    pass the triton kernels' mask); the probabilities kept are scaled by 1 / (1 - dropout_p).
     """
     total = q.shape[0]
     starts, lens = cu_seqlens[:-1], cu_seqlens[1:] - cu_seqlens[:-1]
     qp, kp, vp = (pad_rows(t, starts, lens, max_seqlen).transpose(1, 2) for t in (q, k, v))
     keys = torch.arange(max_seqlen, device=q.device)[None, :] < lens[:, None]
     keys = keys | (lens == 0)[:, None]  # an empty sample attends to its (zero) pads, not to nothing: no NaN
-    out = F.scaled_dot_product_attention(
-        qp, kp, vp, attn_mask=keys[:, None, None, :], dropout_p=dropout_p, scale=softmax_scale
-    )
+    if dropout_mask is None:
+        out = F.scaled_dot_product_attention(
+            qp, kp, vp, attn_mask=keys[:, None, None, :], dropout_p=dropout_p, scale=softmax_scale
+        )
+    else:
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        scores = (qp @ kp.transpose(-1, -2) * scale).masked_fill(~keys[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1) * dropout_mask.to(scores.dtype) / (1.0 - dropout_p)
+        out = probs @ vp
     return unpad_rows(out.transpose(1, 2), cu_seqlens, total)
 
 

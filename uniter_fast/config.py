@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from uniter_fast.kernels.backend import BACKENDS
+
 log = logging.getLogger(__name__)
 
 
@@ -14,7 +16,8 @@ log = logging.getLogger(__name__)
 class UniterConfig:
     """The fields of the original `config/uniter-{base,large}.json` (BERT's), plus UNITER's image sizes.
 
-    `backend` is ours: "auto" | "torch" | "triton" (overridden by UNITER_FAST_BACKEND).
+    `backend` is ours: "auto" | "torch" | "triton" | "xformers" (overridden by UNITER_FAST_BACKEND); "xformers"
+    names attention's backend, the other ops then choose automatically.
     """
 
     vocab_size: int = 28996
@@ -56,8 +59,8 @@ class UniterConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"UniterConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"UniterConfig.backend {self.backend!r}: expected auto, torch or triton")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"UniterConfig.backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
 
     @property
     def head_dim(self) -> int:

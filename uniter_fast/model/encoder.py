@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.kernels.attention import varlen_attention
+from uniter_fast.kernels.attention import AttentionOptions, VarlenAttention
 
 
 class SelfAttention(nn.Module):
@@ -16,15 +16,17 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout_p = config.attention_probs_dropout_prob
-        self.backend = config.backend
+        self.attend = VarlenAttention(AttentionOptions(dropout_p=config.attention_probs_dropout_prob,
+                                                       backend=config.backend))  # no parameters: keys unchanged
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, probs: bool = False):
+        """Packed rows in, packed rows out; probs=True also returns each sample's (heads, L_b, L_b) probabilities."""
         shape = (x.shape[0], self.num_heads, self.head_dim)
         q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
-        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=self.dropout_p if self.training else 0.0,
-                               backend=self.backend)
-        return out.reshape(x.shape)
+        if not probs:
+            return self.attend(q, k, v, cu_seqlens, max_seqlen).reshape(x.shape)
+        out, maps = self.attend(q, k, v, cu_seqlens, max_seqlen, probs=True)
+        return out.reshape(x.shape), maps
 
 
 class SelfOutput(nn.Module):
@@ -46,8 +48,11 @@ class Attention(nn.Module):
         self.self = SelfAttention(config)
         self.output = SelfOutput(config, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        return self.output(self.self(x, cu_seqlens, max_seqlen), x)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, probs: bool = False):
+        if not probs:
+            return self.output(self.self(x, cu_seqlens, max_seqlen), x)
+        h, maps = self.self(x, cu_seqlens, max_seqlen, probs=True)
+        return self.output(h, x), maps
 
 
 class Intermediate(nn.Module):
@@ -67,9 +72,12 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(config)
         self.output = SelfOutput(config, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        x = self.attention(x, cu_seqlens, max_seqlen)
-        return self.output(self.intermediate(x), x)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, probs: bool = False):
+        if not probs:
+            x = self.attention(x, cu_seqlens, max_seqlen)
+            return self.output(self.intermediate(x), x)
+        x, maps = self.attention(x, cu_seqlens, max_seqlen, probs=True)
+        return self.output(self.intermediate(x), x), maps
 
 
 class Encoder(nn.Module):
@@ -77,7 +85,13 @@ class Encoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, output_attentions: bool = False):
+        """(total, hidden) packed rows; with output_attentions, also maps[layer][sample] = (heads, L_b, L_b)."""
+        maps = []
         for layer in self.layer:
-            x = layer(x, cu_seqlens, max_seqlen)
-        return x
+            if output_attentions:
+                x, layer_maps = layer(x, cu_seqlens, max_seqlen, probs=True)
+                maps.append(layer_maps)
+            else:
+                x = layer(x, cu_seqlens, max_seqlen)
+        return (x, maps) if output_attentions else x

@@ -55,8 +55,10 @@ class UniterModel(nn.Module):
         regions = self.img_embeddings(batch.img_feat, batch.img_pos, types, batch.img_masks)
         return torch.cat([text, regions.to(text.dtype)]).index_select(0, batch.gather_index)
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        return self.encoder(self.embed(batch), batch.cu_seqlens, batch.max_seqlen)
+    def forward(self, batch: PackedBatch, output_attentions: bool = False):
+        """Packed hidden states; with output_attentions, (hidden, maps) with maps[layer][sample] = (heads, L_b, L_b)
+        attention probabilities from the reference path (each sample's text rows first, then its regions)."""
+        return self.encoder(self.embed(batch), batch.cu_seqlens, batch.max_seqlen, output_attentions)
 
     def pool(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         return self.pooler(hidden.index_select(0, batch.cls_rows))

@@ -1,1 +1,1 @@
-"""Plots: training curves (and, later, attention maps)."""
+"""Plots: training curves and attention maps."""

@@ -1,0 +1,256 @@
+"""Triton kernels for variable-length bidirectional attention over packed samples, and their launchers.
+
+Layout: q, k, v, out are (total, heads, head_dim) with the last dim contiguous (head_dim <= 128, padded on chip to
+a power of two >= 16); sample b owns rows cu_seqlens[b] .. cu_seqlens[b+1]. The grid is (query or key blocks of the longest sample, samples, heads); a program
+past its sample's length returns at once, so nothing is computed on padding and nothing crosses samples.
+- Forward: FlashAttention-2's online softmax in base 2; saves only the log-sum-exp (base 2, fp32, (total, heads)).
+- Backward: one program per (block, sample, head) computes dK and dV of its key block (looping over the query
+  blocks), then dQ of its query block (looping over the key blocks): no atomics, so it is deterministic.
+- Dropout: Philox (tl.rand) keyed by seed + b * heads + h, counter i * max_seqlen + j for query i and key j of the
+  sample: the backward and `dropout_keep_mask` regenerate the forward's mask exactly.
+Nothing here validates arguments or synchronises with the host: kernels/attention.py does the former.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backend import interpreting
+
+MAX_HEAD_DIM = 128  # padded to a power of two >= 16 (tl.dot's smallest); beyond 128 the tiles spill
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _keep(seed, b, h, heads, offs_m, offs_n, max_seqlen, dropout_p):
+    """The dropout keep-mask of query rows offs_m x key columns offs_n of (sample b, head h)."""
+    counter = offs_m[:, None] * max_seqlen + offs_n[None, :]
+    return tl.rand(seed + b * heads + h, counter) >= dropout_p
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot, stride_lt,
+                stride_qh, stride_kh, stride_vh, stride_oh, heads, max_seqlen, scale_log2, dropout_p, seed,
+                head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + b).to(tl.int64)
+    length = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    if pid_m * BLOCK_M >= length:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dcol = offs_d[None, :]
+    dmask = dcol < head_dim  # columns beyond head_dim read as 0 and are never stored
+    q_head, k_head, v_head = Q + h * stride_qh + dcol, K + h * stride_kh + dcol, V + h * stride_vh + dcol
+    mask_m = offs_m < length
+    q = tl.load(q_head + (start + offs_m)[:, None] * stride_qt, mask=mask_m[:, None] & dmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, length, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < length
+        k = tl.load(k_head + (start + offs_n)[:, None] * stride_kt, mask=mask_n[:, None] & dmask, other=0.0)
+        v = tl.load(v_head + (start + offs_n)[:, None] * stride_vt, mask=mask_n[:, None] & dmask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds at least one valid key
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # the normaliser l_i counts every key; only the values see the dropped probabilities
+            p = tl.where(_keep(seed, b, h, heads, offs_m, offs_n, max_seqlen, dropout_p), p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    out_ptr = O + h * stride_oh + (start + offs_m)[:, None] * stride_ot + dcol
+    tl.store(out_ptr, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & dmask)
+    tl.store(LSE + (start + offs_m) * stride_lt + h, m_i + tl.math.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, stride_vt, stride_dot, stride_lt,
+                stride_qh, stride_kh, stride_vh, stride_doh, heads, max_seqlen, scale, scale_log2, dropout_p, seed,
+                head_dim, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """dq, dk, dv share q's (contiguous) layout; LSE and DELTA = rowsum(out * dout) are (total, heads) fp32."""
+    pid, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(CU + b).to(tl.int64)
+    length = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    if pid * BLOCK >= length:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    dcol = offs_d[None, :]
+    dmask = dcol < head_dim  # columns beyond head_dim read as 0 and are never stored
+    q_head, k_head, v_head = Q + h * stride_qh + dcol, K + h * stride_kh + dcol, V + h * stride_vh + dcol
+    do_head = DO + h * stride_doh + dcol
+    own = pid * BLOCK + tl.arange(0, BLOCK)  # this program's key block, then its query block
+    mask_own = own < length
+    inv_keep = 1.0 / (1.0 - dropout_p)
+
+    # dK, dV of key block `own`: dV = P_drop^T dO, dS = P (dP - delta), dK = scale dS^T Q
+    k = tl.load(k_head + (start + own)[:, None] * stride_kt, mask=mask_own[:, None] & dmask, other=0.0)
+    v = tl.load(v_head + (start + own)[:, None] * stride_vt, mask=mask_own[:, None] & dmask, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for m0 in range(0, length, BLOCK):
+        offs_m = m0 + tl.arange(0, BLOCK)
+        mask_m = offs_m < length
+        q = tl.load(q_head + (start + offs_m)[:, None] * stride_qt, mask=mask_m[:, None] & dmask, other=0.0)
+        do = tl.load(do_head + (start + offs_m)[:, None] * stride_dot, mask=mask_m[:, None] & dmask, other=0.0)
+        if UPCAST:
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        lse = tl.load(LSE + (start + offs_m) * stride_lt + h, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + (start + offs_m) * stride_lt + h, mask=mask_m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(mask_m[:, None] & mask_own[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, b, h, heads, offs_m, own, max_seqlen, dropout_p)
+            p_drop = tl.where(keep, p * inv_keep, 0.0)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        else:
+            p_drop = p
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    rows = (start + own)[:, None] * stride_qt + h * stride_qh + dcol
+    store_mask = mask_own[:, None] & dmask
+    tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=store_mask)
+
+    # dQ of query block `own`: dQ = scale dS K
+    q = tl.load(q_head + (start + own)[:, None] * stride_qt, mask=mask_own[:, None] & dmask, other=0.0)
+    do = tl.load(do_head + (start + own)[:, None] * stride_dot, mask=mask_own[:, None] & dmask, other=0.0)
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    lse = tl.load(LSE + (start + own) * stride_lt + h, mask=mask_own, other=0.0)
+    delta = tl.load(DELTA + (start + own) * stride_lt + h, mask=mask_own, other=0.0)
+    dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    for n0 in range(0, length, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        mask_n = offs_n < length
+        k = tl.load(k_head + (start + offs_n)[:, None] * stride_kt, mask=mask_n[:, None] & dmask, other=0.0)
+        v = tl.load(v_head + (start + offs_n)[:, None] * stride_vt, mask=mask_n[:, None] & dmask, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(mask_own[:, None] & mask_n[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dp = tl.where(_keep(seed, b, h, heads, own, offs_n, max_seqlen, dropout_p), dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, CU, heads, max_seqlen, dropout_p, seed, BLOCK: tl.constexpr):
+    """OUT (B, heads, max_seqlen, max_seqlen) int8: the keep-mask the attention kernels draw, 0 beyond lengths."""
+    pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(CU + b + 1) - tl.load(CU + b)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    base = OUT + ((b * heads + h) * max_seqlen).to(tl.int64) * max_seqlen
+    for n0 in range(0, max_seqlen, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        keep = _keep(seed, b, h, heads, offs_m, offs_n, max_seqlen, dropout_p)
+        valid = (offs_m[:, None] < length) & (offs_n[None, :] < length)
+        inside = (offs_m[:, None] < max_seqlen) & (offs_n[None, :] < max_seqlen)
+        tl.store(base + offs_m[:, None] * max_seqlen + offs_n[None, :], (keep & valid).to(tl.int8), mask=inside)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unsupported(q: torch.Tensor) -> str | None:
+    """Why the kernels cannot serve q (and k, v of its shape and dtype), or None when they can."""
+    if q.dtype not in DTYPES:
+        return f"inputs of dtype {q.dtype}: the kernels take fp32, fp16 or bf16"
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]}: the kernels take 1 to {MAX_HEAD_DIM}"
+    return None
+
+
+def _block(max_seqlen: int) -> int:
+    """Tile side: the longest sample rounded up to a power of two, 16 to 64 (UNITER's rows are <= 160)."""
+    return min(64, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _flags(dtype: torch.dtype, dropout_p: float) -> dict:
+    upcast = dtype == torch.bfloat16 and interpreting()  # the interpreter's bf16 dot gives NaN (numpy has no bf16)
+    # fp32 inputs: exact products (tf32 would cost three digits); 16-bit operands ignore the setting
+    precision = "ieee" if dtype == torch.float32 or upcast else "tf32"
+    return dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast, DOT_PRECISION=precision)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int):
+    """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    total, heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    out = torch.empty_like(q)
+    lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
+    block = _block(max_seqlen)
+    grid = (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
+    if batch == 0 or total == 0:
+        return out, lse
+    _fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, q.stride(0), k.stride(0), v.stride(0), out.stride(0), lse.stride(0),
+        q.stride(1), k.stride(1), v.stride(1), out.stride(1), heads, max_seqlen, softmax_scale * LOG2E,
+        dropout_p, seed, head_dim=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block, BLOCK_N=block, num_warps=4,
+        **_flags(q.dtype, dropout_p),
+    )
+    return out, lse
+
+
+def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float,
+             seed: int):
+    """(dq, dk, dv), each like q."""
+    grad_out = grad_out.contiguous()
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
+    total, heads, head_dim = q.shape
+    batch = cu_seqlens.shape[0] - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if batch == 0 or total == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (out.float() * grad_out.float()).sum(-1)  # rowsum(O dO) = rowsum(P dP), also with dropout
+    block = _block(max_seqlen)
+    grid = (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
+    _bwd_kernel[grid](
+        q, k, v, grad_out, dq, dk, dv, lse, delta, cu_seqlens, q.stride(0), k.stride(0), v.stride(0),
+        grad_out.stride(0), lse.stride(0), q.stride(1), k.stride(1), v.stride(1), grad_out.stride(1), heads,
+        max_seqlen, softmax_scale, softmax_scale * LOG2E, dropout_p, seed, head_dim=head_dim,
+        BLOCK_D=_block_d(head_dim), BLOCK=block, num_warps=4, **_flags(q.dtype, dropout_p),
+    )
+    return dq, dk, dv
+
+
+def dropout_keep_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dropout_p: float,
+                      seed: int) -> torch.Tensor:
+    """(B, heads, max_seqlen, max_seqlen) bool: the keep-mask the kernels draw for these arguments."""
+    batch = cu_seqlens.shape[0] - 1
+    out = torch.zeros(batch, heads, max_seqlen, max_seqlen, dtype=torch.int8, device=cu_seqlens.device)
+    if batch and max_seqlen:
+        block = _block(max_seqlen)
+        _keep_mask_kernel[(triton.cdiv(max_seqlen, block), batch, heads)](
+            out, cu_seqlens, heads, max_seqlen, dropout_p, seed, BLOCK=block)
+    return out.bool()
