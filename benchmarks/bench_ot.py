@@ -48,15 +48,14 @@ if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse
-import csv
-import datetime
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from harness import (MIN_REPS, RESULTS_CSV, TARGET_S, CsvWriter, Skip, Timer, cuda_graph, device_name, failure,
+                     fraction, median, quantile, ratio, triton_version)
 
 from uniter_fast.kernels import ot as uot
 from uniter_fast.kernels import reference
@@ -64,12 +63,6 @@ from uniter_fast.kernels import reference
 CASES = ("fwd_cost", "wra_fwd", "wra_fwd_bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OURS = ("ipot", "ipot_log", "sinkhorn_log")
-CSV_FIELDS = ["date", "device", "torch", "triton", "bench", "case", "impl", "B", "dtype", "median_us", "speedup_vs",
-              "notes"]
-RESULTS_CSV = Path(__file__).resolve().parent / "results.csv"
-MIN_REPS = 5
-TARGET_S = 0.15  # time per measurement the reps adapt to
-FLUSH_BYTES = 256 << 20  # larger than the H100's 50 MB L2
 COST_DIM = 8  # the fwd_cost case's cost is a cosine cost of low-dimensional vectors: spread over [0, 2]
 
 
@@ -88,10 +81,6 @@ DEFAULT_SIZES = (32, 256, 1024, 4096)
 SMOKE_SIZES = (2, 5)
 
 
-class Skip(Exception):
-    """An implementation that cannot run here; the message says why."""
-
-
 @dataclass
 class Result:
     impl: str
@@ -103,11 +92,10 @@ class Result:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.times_us)
+        return median(self.times_us)
 
-    def quantile(self, q: int) -> float:
-        """q in tenths: 2 -> p20, 8 -> p80."""
-        return statistics.quantiles(self.times_us, n=10, method="inclusive")[q - 1]
+    def quantile(self, tenths: int) -> float:
+        return quantile(self.times_us, tenths)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,14 +166,6 @@ def _names(allowed) -> Callable[[str], list[str]]:
     return parse
 
 
-def triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "none"
-    return triton.__version__
-
-
 def load_pot():
     """(POT module, None) or (None, why it is skipped)."""
     try:
@@ -197,58 +177,6 @@ def load_pot():
     if not hasattr(pot, "solve_batch"):
         return None, f"POT {pot.__version__} has no ot.solve_batch (added in 0.9.6)"
     return pot, None
-
-
-class Timer:
-    """Per-call times in us: CUDA events on a GPU (L2 flushed before each call), perf_counter on the CPU."""
-
-    def __init__(self, device: torch.device, reps: int, warmup: int):
-        self.device, self.reps, self.warmup = device, reps, warmup
-        self.cuda = device.type == "cuda"
-        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if self.cuda else None
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self, fn: Callable[[], object]) -> list[float]:
-        for _ in range(self.warmup):
-            fn()
-        self.sync()
-        start = time.perf_counter()
-        fn()
-        self.sync()
-        estimate = time.perf_counter() - start
-        reps = max(MIN_REPS, min(self.reps, int(TARGET_S / max(estimate, 1e-9))))
-        if not self.cuda:
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e6)
-            return times
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for begin, end in events:
-            self.flush.zero_()
-            begin.record()
-            fn()
-            end.record()
-        self.sync()
-        return [begin.elapsed_time(end) * 1e3 for begin, end in events]
-
-
-def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """fn captured in one CUDA graph (warmed up on a side stream first); returns the replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,7 +401,7 @@ class Block:
                 except Skip as why:
                     result.note = f"skipped: {why}"
                 except Exception as err:  # a peer that fails is reported, the others still run
-                    result.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+                    result.note = failure(err)
                 if impl == "ref_compile" and self.ctx.compile_note:
                     result.note = (result.note + " " + self.ctx.compile_note).strip()
                     self.ctx.compile_note = ""
@@ -523,13 +451,13 @@ class Block:
             elif self.case == "wra_fwd_bwd" and key in fwd:
                 extra = f"{r.median / fwd[key]:.2f}"
             print(f"{r.impl:<21}{r.median:>11.1f}{r.quantile(2):>10.1f}{r.quantile(8):>10.1f}"
-                  f"{_fraction(self.floor_us() / r.median):>8}{len(r.times_us):>6}  {err:<28}{extra}"
+                  f"{fraction(self.floor_us() / r.median):>8}{len(r.times_us):>6}  {err:<28}{extra}"
                   + (f"  {r.note}" if r.note else ""))
         peers, ours = self.timed(False), self.timed(True)
         if peers and ours:
             print(f"{'speed-up of ours':<21}" + "".join(f"{p.impl:>18}" for p in peers))
             for r in ours:
-                print(f"{r.impl:<21}" + "".join(f"{_ratio(ratio):>18}" for _, ratio in self.speedups(r)))
+                print(f"{r.impl:<21}" + "".join(f"{ratio(x):>18}" for _, x in self.speedups(r)))
         sys.stdout.flush()
 
     def record(self) -> None:
@@ -552,14 +480,6 @@ class Block:
                                        median_us=f"{r.median:.2f}", speedup_vs=speedup, notes=" ".join(notes)))
 
 
-def _fraction(x: float) -> str:
-    return f"{x:.1%}" if x >= 0.001 else f"{x:.0e}"
-
-
-def _ratio(x: float) -> str:
-    return f"{x:.1f}x" if x >= 1 else f"{x:.2g}x"
-
-
 def _algo(method: str) -> str:
     return "sinkhorn" if method == "sinkhorn_log" else "ipot"
 
@@ -567,34 +487,6 @@ def _algo(method: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------------------
-
-
-class CsvWriter:
-    """Appends rows to results.csv, keeping the columns of a file that already has a header."""
-
-    def __init__(self, path: Path, common: dict):
-        self.path, self.common = path, common
-        fields = None
-        if path.exists() and path.stat().st_size:
-            with path.open(newline="") as f:
-                fields = next(csv.reader(f), None)
-        self.fields = fields or CSV_FIELDS
-        self.new = fields is None
-        self.count = 0
-
-    def write(self, row: dict) -> None:
-        row = {**self.common, **row}
-        extra = {k: v for k, v in row.items() if k not in self.fields and v != ""}
-        if extra and "notes" in self.fields:  # a file with other columns: keep what does not fit in its notes
-            row["notes"] = " ".join([row.get("notes", "")] + [f"{k}={v}" for k, v in extra.items()
-                                                              if k != "notes"]).strip()
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if self.new:
-                writer.writeheader()
-                self.new = False
-            writer.writerow(row)
-        self.count += 1
 
 
 class Context:
@@ -606,12 +498,8 @@ class Context:
         self.forward_medians: dict = {}
         self.compiled_fn = None
         self.compile_note = ""
-        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        self.writer = None
-        if args.csv is not None:
-            self.writer = CsvWriter(args.csv, dict(
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                device=self.device_name, torch=torch.__version__, triton=triton_version(), bench="bench_ot"))
+        self.device_name = device_name(device)
+        self.writer = CsvWriter(args.csv, "bench_ot", device) if args.csv is not None else None
 
     def compiled(self, block: Block):
         """The reference loop under torch.compile, the batch dimension dynamic: one compile serves every size."""

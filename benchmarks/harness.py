@@ -1,0 +1,142 @@
+"""What every benchmark script shares: per-call timing, CUDA graph capture, results.csv rows, ratio formatting.
+
+Times are per call in microseconds: CUDA events around each call with the L2 cache flushed before it on a GPU
+(GPU time; the host runs ahead), perf_counter on the CPU. Reps adapt to about TARGET_S per measurement.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CSV_FIELDS = ["date", "device", "torch", "triton", "bench", "case", "impl", "B", "dtype", "median_us", "speedup_vs",
+              "notes"]
+RESULTS_CSV = Path(__file__).resolve().parent / "results.csv"
+MIN_REPS = 5
+TARGET_S = 0.15  # time per measurement the reps adapt to
+FLUSH_BYTES = 256 << 20  # larger than the H100's 50 MB L2
+
+
+class Skip(Exception):
+    """An implementation that cannot run here; the message says why."""
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def quantile(times: list[float], tenths: int) -> float:
+    """tenths: 2 -> p20, 8 -> p80."""
+    return statistics.quantiles(times, n=10, method="inclusive")[tenths - 1] if len(times) > 1 else times[0]
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def failure(err: Exception) -> str:
+    """One line for a table: a peer that fails is reported and the others still run."""
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+
+
+class Timer:
+    """Per-call times in us: CUDA events on a GPU (L2 flushed before each call), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device, reps: int, warmup: int):
+        self.device, self.reps, self.warmup = device, reps, warmup
+        self.cuda = device.type == "cuda"
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device) if self.cuda else None
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn: Callable[[], object]) -> list[float]:
+        for _ in range(self.warmup):
+            fn()
+        self.sync()
+        start = time.perf_counter()
+        fn()
+        self.sync()
+        estimate = time.perf_counter() - start
+        reps = max(MIN_REPS, min(self.reps, int(TARGET_S / max(estimate, 1e-9))))
+        if not self.cuda:
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - start) * 1e6)
+            return times
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for begin, end in events:
+            self.flush.zero_()
+            begin.record()
+            fn()
+            end.record()
+        self.sync()
+        return [begin.elapsed_time(end) * 1e3 for begin, end in events]
+
+
+def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in one CUDA graph (warmed up on a side stream first); returns the replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+class CsvWriter:
+    """Appends rows to results.csv, keeping the columns of a file that already has a header."""
+
+    def __init__(self, path: Path, bench: str, device: torch.device):
+        self.path = path
+        self.common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           device=device_name(device), torch=torch.__version__, triton=triton_version(), bench=bench)
+        fields = None
+        if path.exists() and path.stat().st_size:
+            with path.open(newline="") as f:
+                fields = next(csv.reader(f), None)
+        self.fields = fields or CSV_FIELDS
+        self.new = fields is None
+        self.count = 0
+
+    def write(self, row: dict) -> None:
+        row = {**self.common, **row}
+        extra = {k: v for k, v in row.items() if k not in self.fields and v != ""}
+        if extra and "notes" in self.fields:  # a file with other columns: keep what does not fit in its notes
+            row["notes"] = " ".join([row.get("notes", "")] + [f"{k}={v}" for k, v in extra.items()
+                                                              if k != "notes"]).strip()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if self.new:
+                writer.writeheader()
+                self.new = False
+            writer.writerow(row)
+        self.count += 1
+
+
+def fraction(x: float) -> str:
+    return f"{x:.1%}" if x >= 0.001 else f"{x:.0e}"
+
+
+def ratio(x: float) -> str:
+    return f"{x:.1f}x" if x >= 1 else f"{x:.2g}x"
