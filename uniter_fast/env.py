@@ -54,4 +54,9 @@ def environment_report() -> str:
                  f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '(unset)')}")
     for op, (chosen, why) in op_backends(device).items():
         lines.append(f"  {op:<18} {chosen:<8} {why}")
+    from uniter_fast.kernels import attention_xformers
+
+    reason = attention_xformers.unavailable(torch.empty(0, device=device))
+    lines.append(f"  {'xformers':<18} {'-' if reason else 'may run':<8} "
+                 f"{reason or 'backend=xformers selects it for varlen_attention (its operators decide at the call)'}")
     return "\n".join(lines)

@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""Variable-length attention at UNITER's lengths: our Triton kernel against every peer, in the same run.
+
+Batches (B=128, head_dim 64): "uniter" lengths are text 8..60 plus regions 10..100 per sample (seeded, as
+reference/anchors.md), padded to the longest; "L=<n>" gives every sample n tokens (n in --lengths, 32..160).
+Heads: base 12, large 16. Passes: fwd (no autograd) and fwd_bwd (forward, then backward of a random gradient).
+Implementations (the peers get padded (B, heads, N, d) inputs made outside the timing, ours the packed rows):
+- ours_triton       kernels.attention.varlen_attention(backend="triton") on (total, heads, d) with cu_seqlens;
+- sdpa_mask         torch SDPA with a boolean key-padding mask (the memory-efficient / cuDNN kernels);
+- sdpa_padded       SDPA over the padded batch with no mask (flash; a wrong result: the padded-compute reference);
+- flex              FlexAttention under torch.compile with a padding BlockMask (built outside the timing; its build
+                    time is printed), compiled once per shape;
+- xformers          memory_efficient_attention with BlockDiagonalMask on the packed rows, where xformers runs;
+- torch_ref         our reference path: pad, SDPA with the key mask, unpad (kernels.reference).
+Useful TFLOP/s count real tokens only: 4 * sum(L_b^2) * d * heads forward, 3.5x that forward+backward.
+"err" is the largest |out - out_fp32| of each implementation against the fp32 reference on the same inputs
+(sdpa_padded's is large on purpose). Rows are appended to benchmarks/results.csv.
+
+    python benchmarks/bench_attention.py                 # the default run (about a minute on an H100)
+    python benchmarks/bench_attention.py --quick
+    TRITON_INTERPRET=1 python benchmarks/bench_attention.py --cpu-smoke   # code paths on the CPU, tiny sizes
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from harness import RESULTS_CSV, CsvWriter, Skip, Timer, device_name, failure, median, quantile, ratio, triton_version
+
+from uniter_fast.kernels import attention, attention_xformers, reference
+
+HEADS = {"base": 12, "large": 16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PEERS = ("sdpa_mask", "sdpa_padded", "flex", "xformers", "torch_ref")
+
+
+@dataclass
+class Batch:
+    """One batch's inputs in both layouts, shared by every implementation."""
+
+    lens: list[int]
+    heads: int
+    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # (total, heads, d) each
+    padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # (B, heads, N, d) each
+    cu_seqlens: torch.Tensor
+    key_mask: torch.Tensor                                    # (B, 1, 1, N) bool, True on real keys
+    grad_packed: torch.Tensor
+    grad_padded: torch.Tensor
+    expected: torch.Tensor = field(default=None)              # fp32 reference output, packed
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lens)
+
+    def useful_flop(self, backward: bool) -> float:
+        d = self.packed[0].shape[-1]
+        return 4.0 * sum(n * n for n in self.lens) * d * self.heads * (3.5 if backward else 1.0)
+
+
+def make_batch(name: str, B: int, heads: int, d: int, dtype, device, seed: int) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    if name == "uniter":
+        lens = (torch.randint(8, 61, (B,), generator=gen) + torch.randint(10, 101, (B,), generator=gen)).tolist()
+    else:
+        lens = [int(name.split("=")[1])] * B
+    cu = torch.zeros(B + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    total, N = int(cu[-1]), max(lens)
+    packed = tuple(torch.randn(total, heads, d, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    cu = cu.to(device)
+    starts, lens_t = cu[:-1], cu[1:] - cu[:-1]
+    padded = tuple(reference.pad_rows(t, starts, lens_t, N).transpose(1, 2).contiguous() for t in packed)
+    key_mask = (torch.arange(N, device=device)[None, :] < lens_t[:, None])[:, None, None, :]
+    grad_packed = torch.randn(total, heads, d, generator=gen).to(device=device, dtype=dtype)
+    grad_padded = reference.pad_rows(grad_packed, starts, lens_t, N).transpose(1, 2).contiguous()
+    batch = Batch(lens, heads, packed, padded, cu, key_mask, grad_packed, grad_padded)
+    q, k, v = (t.float() for t in packed)
+    batch.expected = reference.varlen_attention_ref(q, k, v, cu, N)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# implementations: each returns (run, output_as_packed); run(backward) does one call
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _with_grad(tensors, backward: bool):
+    return tuple(t.detach().requires_grad_(backward) for t in tensors)
+
+
+def ours(batch: Batch, backward: bool):
+    q, k, v = _with_grad(batch.packed, backward)
+
+    def run():
+        out = attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, backend="triton")
+        if backward:
+            out.backward(batch.grad_packed)
+        return out
+    return run, run
+
+
+def _unpad(batch: Batch, out_padded: torch.Tensor) -> torch.Tensor:
+    return reference.unpad_rows(out_padded.transpose(1, 2), batch.cu_seqlens, batch.packed[0].shape[0])
+
+
+def sdpa(batch: Batch, backward: bool, masked: bool):
+    import torch.nn.functional as F
+
+    q, k, v = _with_grad(batch.padded, backward)
+    mask = batch.key_mask if masked else None
+
+    def run():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if backward:
+            out.backward(batch.grad_padded)
+        return out
+    return run, lambda: _unpad(batch, run())
+
+
+class Flex:
+    """FlexAttention compiled once; a padding BlockMask built per batch (outside the timing)."""
+
+    def __init__(self):
+        self.fn = None
+        self.note = ""
+
+    def __call__(self, batch: Batch, backward: bool, name: str, allowed: list[str]):
+        if name not in allowed:
+            raise Skip(f"batch {name} not in --flex-batches (each shape compiles again)")
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as err:
+            raise Skip(f"no FlexAttention in torch {torch.__version__}: {err}")
+        if batch.packed[0].device.type != "cuda":
+            raise Skip("FlexAttention's compiled kernels need a GPU")
+        if self.fn is None:
+            self.fn = torch.compile(flex_attention, dynamic=False)
+        lens = batch.cu_seqlens.diff()
+        N = batch.max_len
+
+        def keep(b, h, q_idx, kv_idx):
+            return kv_idx < lens[b]
+        start = time.perf_counter()
+        block_mask = create_block_mask(keep, B=len(batch.lens), H=None, Q_LEN=N, KV_LEN=N,
+                                       device=batch.cu_seqlens.device)
+        torch.cuda.synchronize()
+        self.note = f"block_mask_build_us={(time.perf_counter() - start) * 1e6:.0f}"
+        q, k, v = _with_grad(batch.padded, backward)
+
+        def run():
+            out = self.fn(q, k, v, block_mask=block_mask)
+            if backward:
+                out.backward(batch.grad_padded)
+            return out
+        return run, lambda: _unpad(batch, run())
+
+
+def xformers(batch: Batch, backward: bool):
+    reason = attention_xformers.unavailable(batch.packed[0])
+    if reason:
+        raise Skip(reason)
+    q, k, v = _with_grad(batch.packed, backward)
+
+    def run():
+        out = attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, backend="xformers")
+        if backward:
+            out.backward(batch.grad_packed)
+        return out
+    return run, run
+
+
+def torch_ref(batch: Batch, backward: bool):
+    q, k, v = _with_grad(batch.packed, backward)
+
+    def run():
+        out = reference.varlen_attention_ref(q, k, v, batch.cu_seqlens, batch.max_len)
+        if backward:
+            out.backward(batch.grad_packed)
+        return out
+    return run, run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(HEADS), choices=list(HEADS))
+    p.add_argument("--batches", nargs="+", default=["uniter", "L=32", "L=64", "L=96", "L=128", "L=160"],
+                   help="'uniter' (random UNITER lengths) and/or L=<n> (every sample n tokens)")
+    p.add_argument("--flex-batches", nargs="+", default=["uniter"],
+                   help="batches FlexAttention runs on (it compiles for every shape, 10-30 s each)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--passes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="base only, uniter and L=160 batches")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--csv", default=RESULTS_CSV, type=lambda s: None if s == "none" else Path(s),
+                   help="results file to append to ('none': no file)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.batches = ["base"], ["uniter", "L=160"]
+    if args.cpu_smoke:
+        args.models, args.batches, args.batch_size, args.dtype, args.reps = ["base"], ["uniter", "L=32"], 3, "fp32", 5
+    return args
+
+
+def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pass_: str, device) -> None:
+    backward = pass_ == "fwd_bwd"
+    batch = make_batch(name, args.batch_size, HEADS[model], args.head_dim, DTYPES[args.dtype], device, args.seed)
+    builders: dict[str, Callable] = {
+        "ours_triton": ours, "sdpa_mask": lambda b, bw: sdpa(b, bw, True),
+        "sdpa_padded": lambda b, bw: sdpa(b, bw, False),
+        "flex": lambda b, bw: flex(b, bw, name, args.flex_batches), "xformers": xformers, "torch_ref": torch_ref}
+    rows = []
+    for impl, build in builders.items():
+        times, err, note = None, "", ""
+        try:
+            run, output = build(batch, backward)
+            with torch.enable_grad() if backward else torch.no_grad():
+                out = output()
+                err = f"{(out.float() - batch.expected).abs().max().item():.1e}"
+                times = timer(run)
+            note = flex.note if impl == "flex" else ""
+        except Skip as why:
+            note = f"skipped: {why}"
+        except Exception as err_:  # a peer that fails is reported, the others still run
+            note = failure(err_)
+        rows.append((impl, times, err, note))
+    flop = batch.useful_flop(backward)
+    pad = 1 - sum(batch.lens) / (len(batch.lens) * batch.max_len)
+    print(f"\n== {pass_}  {model} ({batch.heads} heads x {args.head_dim})  B={len(batch.lens)}  {name}  "
+          f"N={batch.max_len} ({pad:.0%} padding)  {args.dtype}")
+    print(f"{'impl':<14}{'median_us':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>9}{'err':>10}  speed-up of ours / note")
+    ours_median = median(rows[0][1]) if rows[0][1] else None
+    for impl, times, err, note in rows:
+        if not times:
+            print(f"{impl:<14}{'-':>11}{'':>29}{err:>10}  {note}")
+            continue
+        m = median(times)
+        speedup = ratio(m / ours_median) if ours_median and impl != "ours_triton" else ""
+        print(f"{impl:<14}{m:>11.1f}{quantile(times, 2):>10.1f}{quantile(times, 8):>10.1f}{flop / m / 1e6:>9.1f}"
+              f"{err:>10}  {speedup} {note}".rstrip())
+        if writer is not None:
+            vs = ";".join(f"{p}={median(t) / m:.2f}" for p, t, _, _ in rows[1:] if t) if impl == "ours_triton" else ""
+            writer.write(dict(case=f"{pass_} {model} {name}", impl=impl, B=len(batch.lens), dtype=args.dtype,
+                              median_us=f"{m:.2f}", speedup_vs=vs,
+                              notes=f"heads={batch.heads} d={args.head_dim} N={batch.max_len} tokens={sum(batch.lens)} "
+                                    f"p20={quantile(times, 2):.1f} p80={quantile(times, 8):.1f} reps={len(times)} "
+                                    f"tflops={flop / m / 1e6:.2f} err={err} {note}".strip()))
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("bench_attention: no CUDA device here; pass --cpu-smoke (with TRITON_INTERPRET=1) to check the code "
+              "paths on the CPU.", file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+    timer = Timer(device, args.reps, args.warmup)
+    writer = CsvWriter(args.csv, "bench_attention", device) if args.csv is not None else None
+    print(f"bench_attention: {device_name(device)}, torch {torch.__version__}, triton {triton_version()}; "
+          f"models {args.models}, batches {args.batches}, B={args.batch_size}, {args.dtype}, passes {args.passes}")
+    if args.cpu_smoke:
+        print("cpu smoke: tiny sizes, interpreter, times mean nothing")
+    start = time.perf_counter()
+    flex = Flex()
+    for model in args.models:
+        for name in args.batches:
+            for pass_ in args.passes:
+                run_block(args, timer, writer, flex, model, name, pass_, device)
+    print(f"\nbench_attention: done in {time.perf_counter() - start:.0f} s"
+          + (f"; {writer.count} rows appended to {writer.path}" if writer else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""The encoder's forward+backward at UNITER's lengths: real tokens per second, ours against Hugging Face BERT.
+
+Batch: B=128 samples of text 8..60 plus regions 10..100 tokens (seeded, as reference/anchors.md); bf16 autocast,
+dropout on (training mode), a random gradient on the output. Models: base (12 x 768) and large (24 x 1024).
+Implementations:
+- ours_triton   uniter_fast.model.encoder.Encoder on the packed rows (total, hidden): every matrix product,
+                LayerNorm and GELU on real tokens only, attention by our Triton kernel (dropout in the kernel);
+- ours_torch    the same encoder with the reference attention (pad, SDPA with a key mask, unpad inside each
+                layer; the rest stays packed);
+- hf_eager      transformers' BertModel (SDPA attention) on the padded batch with an attention mask, called with
+                inputs_embeds (so it also adds position/type embeddings, one LayerNorm and the pooler: under 1%);
+- hf_compile    the same under torch.compile (compiled once; the first call's time is printed).
+Reported: median time per forward+backward, real tokens/s (padding not counted), and the ratio of ours to each
+peer. Rows are appended to benchmarks/results.csv.
+
+    python benchmarks/bench_layer.py                   # base and large (about a minute on an H100 with compile)
+    python benchmarks/bench_layer.py --quick           # base only, no compile
+    TRITON_INTERPRET=1 python benchmarks/bench_layer.py --cpu-smoke
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+from harness import RESULTS_CSV, CsvWriter, Skip, Timer, device_name, failure, median, quantile, ratio, triton_version
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.kernels import reference
+from uniter_fast.model.encoder import Encoder
+
+IMPLS = ("ours_triton", "ours_torch", "hf_eager", "hf_compile")
+
+
+def lengths(B: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(8, 61, (B,), generator=gen) + torch.randint(10, 101, (B,), generator=gen)).tolist()
+
+
+def hf_bert(config: UniterConfig, device):
+    try:
+        from transformers import BertConfig, BertModel
+    except Exception as err:
+        raise Skip(f"transformers is not importable ({type(err).__name__}: {err})")
+    bert_config = BertConfig(hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+                             num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+                             hidden_dropout_prob=config.hidden_dropout_prob,
+                             attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+                             max_position_embeddings=512, attn_implementation="sdpa")
+    return BertModel(bert_config, add_pooling_layer=True).to(device).train()
+
+
+class Case:
+    """One model size: the packed and padded inputs, and a builder per implementation."""
+
+    def __init__(self, args, model: str, device):
+        overrides = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128) \
+            if args.cpu_smoke else {}
+        self.config = UniterConfig.preset(model, **overrides)
+        self.args, self.model, self.device = args, model, device
+        self.lens = lengths(args.batch_size, args.seed)
+        cu = torch.zeros(len(self.lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(self.lens).cumsum(0)
+        self.cu, self.total, self.N = cu.to(device), int(cu[-1]), max(self.lens)
+        gen = torch.Generator().manual_seed(args.seed)
+        self.x = torch.randn(self.total, self.config.hidden_size, generator=gen).to(device)
+        self.grad = torch.randn(self.total, self.config.hidden_size, generator=gen).to(device)
+        starts, lens_t = self.cu[:-1], self.cu[1:] - self.cu[:-1]
+        self.x_padded = reference.pad_rows(self.x, starts, lens_t, self.N)
+        self.grad_padded = reference.pad_rows(self.grad, starts, lens_t, self.N)
+        self.mask = (torch.arange(self.N, device=device)[None, :] < lens_t[:, None]).long()
+        self.compile_note = ""
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # the CPU smoke runs fp32
+
+    def ours(self, backend: str):
+        encoder = Encoder(self.config.replace(backend=backend)).to(self.device).train()
+        x = self.x.detach().requires_grad_()
+
+        def run():
+            with self.autocast():
+                out = encoder(x, self.cu, self.N)
+            out.backward(self.grad.to(out.dtype))
+        return run
+
+    def hf(self, compiled: bool):
+        if compiled and (self.args.no_compile or self.device.type != "cuda"):
+            raise Skip("--no-compile" if self.args.no_compile else "compile peer runs on a GPU only")
+        bert = hf_bert(self.config, self.device)
+        fn = torch.compile(bert) if compiled else bert
+        x = self.x_padded.detach().requires_grad_()
+
+        def run():
+            with self.autocast():
+                out = fn(inputs_embeds=x, attention_mask=self.mask).last_hidden_state
+            out.backward(self.grad_padded.to(out.dtype))
+        if compiled:
+            start = time.perf_counter()
+            run()
+            torch.cuda.synchronize()
+            self.compile_note = f"first_call_s={time.perf_counter() - start:.1f}"
+            print(f"  [torch.compile] {self.model}: first call {time.perf_counter() - start:.1f} s")
+        return run
+
+    def build(self, impl: str):
+        return {"ours_triton": lambda: self.ours("triton"), "ours_torch": lambda: self.ours("torch"),
+                "hf_eager": lambda: self.hf(False), "hf_compile": lambda: self.hf(True)}[impl]()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["base", "large"], choices=["base", "large"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (about 30 s per model)")
+    p.add_argument("--quick", action="store_true", help="base only, no compile")
+    p.add_argument("--cpu-smoke", action="store_true", help="a 2-layer toy on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--csv", default=RESULTS_CSV, type=lambda s: None if s == "none" else Path(s),
+                   help="results file to append to ('none': no file)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.no_compile = ["base"], True
+    if args.cpu_smoke:
+        args.models, args.batch_size, args.reps, args.no_compile = ["base"], 3, 5, True
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("bench_layer: no CUDA device here; pass --cpu-smoke (with TRITON_INTERPRET=1) to check the code paths "
+              "on the CPU.", file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+    timer = Timer(device, args.reps, args.warmup)
+    writer = CsvWriter(args.csv, "bench_layer", device) if args.csv is not None else None
+    print(f"bench_layer: {device_name(device)}, torch {torch.__version__}, triton {triton_version()}; "
+          f"models {args.models}, B={args.batch_size}, {'fp32 (cpu smoke)' if args.cpu_smoke else 'bf16 autocast'}, "
+          "dropout on, forward+backward")
+    start = time.perf_counter()
+    for model in args.models:
+        case = Case(args, model, device)
+        rows = []
+        for impl in IMPLS:
+            times, note = None, ""
+            try:
+                times = timer(case.build(impl))
+                note = case.compile_note if impl == "hf_compile" else ""
+            except Skip as why:
+                note = f"skipped: {why}"
+            except Exception as err:  # a peer that fails is reported, the others still run
+                note = failure(err)
+            rows.append((impl, times, note))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        tokens = sum(case.lens)
+        print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size})  B={len(case.lens)}  "
+              f"{tokens} real tokens, padded {len(case.lens)} x {case.N} ({1 - tokens / (len(case.lens) * case.N):.0%} "
+              "padding)")
+        print(f"{'impl':<13}{'median_ms':>11}{'p20':>9}{'p80':>9}{'tokens/s':>11}  ours_triton's speed-up / note")
+        ours = median(rows[0][1]) if rows[0][1] else None
+        for impl, times, note in rows:
+            if not times:
+                print(f"{impl:<13}{'-':>11}{'':>29}  {note}")
+                continue
+            m = median(times)
+            speedup = ratio(m / ours) if ours and impl != "ours_triton" else ""
+            print(f"{impl:<13}{m / 1e3:>11.2f}{quantile(times, 2) / 1e3:>9.2f}{quantile(times, 8) / 1e3:>9.2f}"
+                  f"{tokens / m * 1e6:>11.0f}  {speedup} {note}".rstrip())
+            if writer is not None:
+                vs = ";".join(f"{p}={median(t) / m:.2f}" for p, t, _ in rows[1:] if t) if impl == "ours_triton" else ""
+                writer.write(dict(case=f"encoder_fwd_bwd {model}", impl=impl, B=len(case.lens),
+                                  dtype="fp32" if args.cpu_smoke else "bf16-autocast", median_us=f"{m:.1f}",
+                                  speedup_vs=vs, notes=f"tokens={tokens} N={case.N} tokens_per_s={tokens / m * 1e6:.0f} "
+                                                       f"p20={quantile(times, 2):.0f} p80={quantile(times, 8):.0f} "
+                                                       f"reps={len(times)} {note}".strip()))
+        sys.stdout.flush()
+    print(f"\nbench_layer: done in {time.perf_counter() - start:.0f} s"
+          + (f"; {writer.count} rows appended to {writer.path}" if writer else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
