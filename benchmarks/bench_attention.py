@@ -10,9 +10,11 @@ Implementations (the peers get padded (B, heads, N, d) inputs made outside the t
 - sdpa_padded       SDPA over the padded batch with no mask (flash; a wrong result: the padded-compute reference);
 - flex              FlexAttention under torch.compile with a padding BlockMask (built outside the timing; its build
                     time is printed), compiled once per shape;
-- xformers          memory_efficient_attention with BlockDiagonalMask on the packed rows, where xformers runs;
+- xformers          memory_efficient_attention with BlockDiagonalMask on the packed rows (the mask built outside
+                    the timing, as Flex's), where xformers runs;
 - torch_ref         our reference path: pad, SDPA with the key mask, unpad (kernels.reference).
-Useful TFLOP/s count real tokens only: 4 * sum(L_b^2) * d * heads forward, 3.5x that forward+backward.
+Backward passes use torch.autograd.grad (no accumulation into .grad). UNITER_FAST_BACKEND is ignored here: each
+implementation names its backend. Useful TFLOP/s count real tokens only: 4 * sum(L_b^2) * d * heads forward, 3.5x that forward+backward.
 "err" is the largest |out - out_fp32| of each implementation against the fp32 reference on the same inputs
 (sdpa_padded's is large on purpose). Rows are appended to benchmarks/results.csv.
 
@@ -98,14 +100,19 @@ def _with_grad(tensors, backward: bool):
     return tuple(t.detach().requires_grad_(backward) for t in tensors)
 
 
+def _backward(out, inputs, grad, backward: bool):
+    """out, after its backward into inputs when asked (gradients returned, not accumulated)."""
+    if backward:
+        torch.autograd.grad(out, inputs, grad)
+    return out
+
+
 def ours(batch: Batch, backward: bool):
     q, k, v = _with_grad(batch.packed, backward)
 
     def run():
         out = attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, backend="triton")
-        if backward:
-            out.backward(batch.grad_packed)
-        return out
+        return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
 
 
@@ -121,9 +128,7 @@ def sdpa(batch: Batch, backward: bool, masked: bool):
 
     def run():
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        if backward:
-            out.backward(batch.grad_padded)
-        return out
+        return _backward(out, (q, k, v), batch.grad_padded, backward)
     return run, lambda: _unpad(batch, run())
 
 
@@ -159,9 +164,7 @@ class Flex:
 
         def run():
             out = self.fn(q, k, v, block_mask=block_mask)
-            if backward:
-                out.backward(batch.grad_padded)
-            return out
+            return _backward(out, (q, k, v), batch.grad_padded, backward)
         return run, lambda: _unpad(batch, run())
 
 
@@ -170,12 +173,12 @@ def xformers(batch: Batch, backward: bool):
     if reason:
         raise Skip(reason)
     q, k, v = _with_grad(batch.packed, backward)
+    mask = attention_xformers.block_diagonal_mask(batch.cu_seqlens)
+    scale = q.shape[-1] ** -0.5
 
     def run():
-        out = attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, backend="xformers")
-        if backward:
-            out.backward(batch.grad_packed)
-        return out
+        out = attention_xformers.attend(q, k, v, mask, dropout_p=0.0, softmax_scale=scale)
+        return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
 
 
@@ -184,9 +187,7 @@ def torch_ref(batch: Batch, backward: bool):
 
     def run():
         out = reference.varlen_attention_ref(q, k, v, batch.cu_seqlens, batch.max_len)
-        if backward:
-            out.backward(batch.grad_packed)
-        return out
+        return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
 
 
@@ -270,6 +271,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.pop("UNITER_FAST_BACKEND", None)  # it would override the backend each implementation names
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():

@@ -11,6 +11,7 @@ Implementations:
 - hf_eager      transformers' BertModel (SDPA attention) on the padded batch with an attention mask, called with
                 inputs_embeds (so it also adds position/type embeddings, one LayerNorm and the pooler: under 1%);
 - hf_compile    the same under torch.compile (compiled once; the first call's time is printed).
+Gradients flow into the parameters (accumulated, as in training) and the input. UNITER_FAST_BACKEND is ignored.
 Reported: median time per forward+backward, real tokens/s (padding not counted), and the ratio of ours to each
 peer. Rows are appended to benchmarks/results.csv.
 
@@ -142,6 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    os.environ.pop("UNITER_FAST_BACKEND", None)  # it would override the backend each implementation names
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():

@@ -28,9 +28,11 @@ def _kernels():
 
 
 def _triton_reason(q: torch.Tensor) -> str | None:
-    """Why the triton kernels cannot serve q (without importing triton on machines that never run them)."""
-    from .attention_triton import unsupported
-
+    """Why the triton kernels cannot serve q; triton is imported only here, on first use."""
+    try:
+        from .attention_triton import unsupported
+    except ImportError as err:  # no triton on this platform: the reference serves
+        return f"triton is not importable ({err})"
     return unsupported(q)
 
 
@@ -43,6 +45,7 @@ class _VarlenAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _kernels().backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)

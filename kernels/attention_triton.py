@@ -30,7 +30,7 @@ def _keep(seed, b, h, heads, offs_m, offs_n, max_seqlen, dropout_p):
     return tl.rand(seed + b * heads + h, counter) >= dropout_p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not trigger a new compile
 def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot, stride_lt,
                 stride_qh, stride_kh, stride_vh, stride_oh, heads, max_seqlen, scale_log2, dropout_p, seed,
                 head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
@@ -76,6 +76,20 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot,
 
 
 @triton.jit
+def _delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot, stride_doh, head_dim,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """DELTA[t, h] = sum_d O[t, h, d] * DO[t, h, d] in fp32, reading the 16-bit rows once."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < total) & (cols[None, :] < head_dim)
+    rows64 = rows.to(tl.int64)[:, None]
+    o = tl.load(O + rows64 * stride_ot + h * stride_oh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows64 * stride_dot + h * stride_doh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows.to(tl.int64) * tl.num_programs(1) + h, tl.sum(o * do, 1), mask=rows < total)
+
+
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, stride_vt, stride_dot, stride_lt,
                 stride_qh, stride_kh, stride_vh, stride_doh, heads, max_seqlen, scale, scale_log2, dropout_p, seed,
                 head_dim, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -153,7 +167,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
     tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=store_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _keep_mask_kernel(OUT, CU, heads, max_seqlen, dropout_p, seed, BLOCK: tl.constexpr):
     """OUT (B, heads, max_seqlen, max_seqlen) int8: the keep-mask the attention kernels draw, 0 beyond lengths."""
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -204,7 +218,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int):
     """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores."""
-    q, k, v = _rows(q), _rows(k), _rows(v)
+    q, k, v, cu_seqlens = _rows(q), _rows(k), _rows(v), cu_seqlens.contiguous()
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     out = torch.empty_like(q)
@@ -227,12 +241,16 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     """(dq, dk, dv), each like q."""
     grad_out = grad_out.contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
+    out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if batch == 0 or total == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (out.float() * grad_out.float()).sum(-1)  # rowsum(O dO) = rowsum(P dP), also with dropout
+    delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # rowsum(O dO) = rowsum(P dP)
+    _delta_kernel[(triton.cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
+                                                   grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
+                                                   BLOCK_D=_block_d(head_dim))
     block = _block(max_seqlen)
     grid = (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
     _bwd_kernel[grid](
@@ -247,7 +265,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
 def dropout_keep_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dropout_p: float,
                       seed: int) -> torch.Tensor:
     """(B, heads, max_seqlen, max_seqlen) bool: the keep-mask the kernels draw for these arguments."""
-    batch = cu_seqlens.shape[0] - 1
+    batch, cu_seqlens = cu_seqlens.shape[0] - 1, cu_seqlens.contiguous()
     out = torch.zeros(batch, heads, max_seqlen, max_seqlen, dtype=torch.int8, device=cu_seqlens.device)
     if batch and max_seqlen:
         block = _block(max_seqlen)

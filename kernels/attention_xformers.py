@@ -31,12 +31,20 @@ def unavailable(q: torch.Tensor) -> str | None:
     return None
 
 
-def varlen_attention(q, k, v, cu_seqlens, *, dropout_p: float, softmax_scale: float) -> torch.Tensor:
-    import xformers.ops as xops
+def block_diagonal_mask(cu_seqlens: torch.Tensor):
+    """xformers' BlockDiagonalMask for the packed samples (empty samples own no rows and are left out)."""
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()  # the host sync this backend pays
-    mask = BlockDiagonalMask.from_seqlens([n for n in lens if n > 0])  # it rejects empty samples: they own no rows
-    out = xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask, p=dropout_p,
-                                          scale=softmax_scale)
-    return out[0]
+    return BlockDiagonalMask.from_seqlens([n for n in lens if n > 0])
+
+
+def attend(q, k, v, mask, *, dropout_p: float, softmax_scale: float) -> torch.Tensor:
+    import xformers.ops as xops
+
+    return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=mask, p=dropout_p,
+                                           scale=softmax_scale)[0]
+
+
+def varlen_attention(q, k, v, cu_seqlens, *, dropout_p: float, softmax_scale: float) -> torch.Tensor:
+    return attend(q, k, v, block_diagonal_mask(cu_seqlens), dropout_p=dropout_p, softmax_scale=softmax_scale)
