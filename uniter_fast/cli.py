@@ -1,4 +1,4 @@
-"""The `uniter-fast` command: pre-training and an environment report."""
+"""The `uniter-fast` command: pre-training, data conversion and an environment report."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,93 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from uniter_fast.data import convert
+
+    store = {"append": args.append, "shard_bytes": args.shard_bytes} if hasattr(args, "append") else {}
+    progress = not args.no_progress
+    try:
+        rule = convert.RegionRule(conf_th=args.conf_th, max_bb=args.max_bb, min_bb=args.min_bb) \
+            if hasattr(args, "conf_th") else None
+        if args.source == "imagedb":
+            summary = convert.convert_image_db(args.src, args.dst, nbb_json=args.nbb, boxes=args.boxes, rule=rule,
+                                               num_bb=args.num_bb, progress=progress, **store)
+        elif args.source == "tsv":
+            fields = [f.strip() for f in args.fields.split(",")] if args.fields else convert.LXMERT_FIELDS
+            summary = convert.convert_tsv(args.src, args.dst, fields=fields, boxes=args.boxes, rule=rule,
+                                          feature_dtype=args.feature_dtype, progress=progress, **store)
+        elif args.source == "npz":
+            summary = convert.convert_npz_dir(args.src, args.dst, boxes=args.boxes, rule=rule, progress=progress,
+                                              **store)
+        elif args.source == "txtdb":
+            summary = convert.convert_text_db(args.src, args.dst, progress=progress)
+        else:
+            from uniter_fast.train.config import PretrainConfig
+
+            summary = convert.export_synthetic(PretrainConfig.from_json(args.config), args.dst, progress=progress)
+    except (OSError, ValueError, KeyError) as err:  # bad input: one clear message, no traceback
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"uniter-fast convert {args.source}: error: {message}", file=sys.stderr)
+        for note in getattr(err, "__notes__", []):
+            print(f"  {note}", file=sys.stderr)
+        return 1
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _add_convert(sub) -> None:
+    c = sub.add_parser("convert", help="convert region features or texts from the original's and other formats",
+                       description="Convert features into a region store, or an original text DB into a text "
+                                   "corpus file (docs/converters.md).")
+    kinds = c.add_subparsers(dest="source", required=True)
+
+    def store_options(p, default_boxes: str, auto: str) -> None:
+        p.add_argument("--append", action="store_true", help="add to an existing store instead of creating one")
+        p.add_argument("--shard-bytes", type=int, default=None, help="bytes per store shard (default: the store's)")
+        rule = p.add_argument_group("region-count rule (the original's: conf > 0.2, 10..100 boxes)")
+        rule.add_argument("--conf-th", type=float, default=0.2, help="confidence threshold (default 0.2)")
+        rule.add_argument("--max-bb", type=int, default=100, help="most boxes kept (default 100)")
+        rule.add_argument("--min-bb", type=int, default=10, help="fewest boxes kept (default 10)")
+        boxes = rule.add_mutually_exclusive_group()
+        boxes.add_argument("--boxes", choices=("auto", "rule", "keep"), default=default_boxes,
+                           help=f"rule: apply it to every image; keep: store every box; auto: {auto} "
+                                f"(default {default_boxes})")
+        boxes.add_argument("--all-boxes", dest="boxes", action="store_const", const="rule",
+                           help="the source holds every detected box: apply the rule (same as --boxes rule)")
+        boxes.add_argument("--keep-boxes", dest="boxes", action="store_const", const="keep",
+                           help="store every box as it is (same as --boxes keep)")
+
+    p = kinds.add_parser("imagedb", help="the original UNITER image DB (LMDB, msgpack-numpy or compressed npz)")
+    p.add_argument("src", help="the LMDB directory, e.g. /img/coco_train2014/feat_th0.2_max100_min10, or its parent")
+    p.add_argument("dst", help="the region store directory to write")
+    p.add_argument("--nbb", default=None, help="region-count JSON (default: nbb_th*_max*_min*.json beside a feat_th* DB)")
+    p.add_argument("--num-bb", type=int, default=None, help="keep the first N regions (default for feat_numbbN: N)")
+    store_options(p, "auto", "as the DB's name says (feat_th*: the nbb JSON's counts, all: the rule, "
+                             "feat_numbbN: the first N)")
+    p = kinds.add_parser("tsv", help="BUTD / LXMERT feature TSV files (base64 arrays, absolute boxes)")
+    p.add_argument("src", nargs="+", help="one or more TSV files")
+    p.add_argument("dst", help="the region store directory to write")
+    p.add_argument("--fields", default=None, help="comma-separated column names in order (default: LXMERT's "
+                                                  "img_id,img_h,img_w,objects_id,objects_conf,attrs_id,attrs_conf,"
+                                                  "num_boxes,boxes,features)")
+    p.add_argument("--feature-dtype", default="float32", choices=("float32", "float16", "float64"),
+                   help="dtype of the base64 features (default float32)")
+    store_options(p, "auto", "apply it only to images with more than --max-bb boxes")
+    p = kinds.add_parser("npz", help="a directory of per-image .npz files (features, norm_bb, conf, soft_labels)")
+    p.add_argument("src", help="the directory of .npz files")
+    p.add_argument("dst", help="the region store directory to write")
+    store_options(p, "rule", "apply it only to images with more than --max-bb boxes")
+    p = kinds.add_parser("txtdb", help="the original UNITER text DB (LMDB + meta/id2len/txt2img/img2txts JSON)")
+    p.add_argument("src", help="the text DB directory, e.g. /txt/pretrain_coco_train.db")
+    p.add_argument("dst", help="the text corpus file to write, e.g. coco_train.corpus.npz")
+    p = kinds.add_parser("synthetic", help="the synthetic world: a region store, text corpora and a config")
+    p.add_argument("dst", help="directory to write regions/, train.corpus.npz, val.corpus.npz, pretrain.json into")
+    p.add_argument("--config", required=True, help="pre-training config whose data.world and vocab_size to use")
+    for p in kinds.choices.values():
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(run=_convert)
+
+
 def _env(args: argparse.Namespace) -> int:
     from uniter_fast.env import environment_report
 
@@ -53,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=_pretrain)
+
+    _add_convert(sub)
 
     e = sub.add_parser("env", help="versions, device, and which backend each op uses and why")
     e.set_defaults(run=_env)
