@@ -11,11 +11,13 @@ python -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log"
 python -m uniter_fast.cli env 2>&1 | tee "$out/env.log"
 timeout 80 python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log"
 # seconds and arguments per benchmark: the sum stays inside the 6 minutes
-declare -A limit=([bench_ot]=100 [bench_attention]=70 [bench_layer]=45 [bench_loader]=25)
-declare -A args=([bench_attention]="--quick" [bench_layer]="--quick" [bench_loader]="--quick")
+# (bench_loader is a CPU benchmark, with goals for a 2-core machine: it runs there, not here)
+declare -A limit=([bench_ot]=100 [bench_attention]=70 [bench_layer]=45)
+declare -A args=([bench_attention]="--quick" [bench_layer]="--quick")
 for bench in benchmarks/bench_*.py; do
     [ -e "$bench" ] || continue
     name=$(basename "$bench" .py)
+    [ "$name" = bench_loader ] && continue
     timeout "${limit[$name]:-40}" python "$bench" ${args[$name]:-} 2>&1 | tee "$out/$name.log"
 done
 cp benchmarks/results.csv "$out/" 2>/dev/null || true

@@ -18,7 +18,11 @@ from uniter_fast.objectives.tasks import REGIONS_MASKED, TEXT_MASKED, PretrainBa
 
 
 class Regions(Protocol):
-    """One image's regions as the BUTD extractor writes them (reference/loader.md)."""
+    """One image's regions as the BUTD extractor writes them (reference/loader.md).
+
+    `PretrainCorpus.images` maps image ids to these: a dict of in-memory records (the synthetic world) or a
+    RegionStore (uniter_fast.data.region_store), whose `num_regions` and `gather` the collate then uses.
+    """
 
     features: np.ndarray     # (n, img_dim) fp16
     norm_bb: np.ndarray      # (n, 6) [x1, y1, x2, y2, w, h] normalised
@@ -66,7 +70,8 @@ class PretrainCorpus:
         self.vocab = vocab
         self.all_image_ids = sorted(set(self.image_ids))
         # the original buckets by words (no specials) + regions
-        self.lens = np.array([len(t) + images[i].features.shape[0] for t, i in zip(self.texts, self.image_ids)])
+        counts = {i: region_count(images, i) for i in self.all_image_ids}
+        self.lens = np.array([len(t) + counts[i] for t, i in zip(self.texts, self.image_ids)], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -87,13 +92,59 @@ class PretrainCorpus:
                 return other
 
 
+def region_count(images: Mapping[str, Regions], image_id: str) -> int:
+    """Regions of one image; a region store answers from its index without reading the record."""
+    count = getattr(images, "num_regions", None)
+    return int(count(image_id)) if count is not None else int(images[image_id].features.shape[0])
+
+
+def batch_regions(images: Mapping[str, Regions], image_ids: Sequence[str], region_masks: Sequence[np.ndarray],
+                  feature_targets: bool, soft_targets: bool):
+    """Per sample (features with masked rows zeroed, boxes), and the masked rows' original features and soft
+    labels (concatenated in sample order) when asked for.
+
+    A region store gathers the whole batch in one call (its C++ reader, into one fresh buffer that is then zeroed
+    in place); any other Mapping is read image by image without copying what is not masked.
+    """
+    chosen = torch.from_numpy(np.concatenate(region_masks))
+    gather = getattr(images, "gather", None)
+    if gather is not None:
+        got = gather(list(image_ids), soft_labels=soft_targets)
+        counts = (got.offsets[1:] - got.offsets[:-1]).tolist()
+        if counts != [len(m) for m in region_masks]:
+            raise ValueError(f"batch_regions: the store gave {counts} regions for {list(image_ids)}, its index "
+                             f"{[len(m) for m in region_masks]}")
+        feats = got.features[chosen] if feature_targets else None
+        soft = got.soft_labels[chosen] if soft_targets else None
+        got.features[chosen] = 0   # masked regions arrive zeroed; the model adds the learned [MASK] feature
+        return list(zip(torch.split(got.features, counts), torch.split(got.boxes, counts))), feats, soft
+    regions, feats, soft = [], [], []
+    for image_id, mask in zip(image_ids, region_masks):
+        image = images[image_id]
+        array = np.asarray(image.features)
+        if feature_targets:
+            feats.append(array[mask])
+        if soft_targets:  # soft labels (44% of the bytes): only the masked rows are read
+            soft.append(np.asarray(image.soft_labels)[mask])
+        features = torch.from_numpy(array)
+        if mask.any():
+            features = features.masked_fill(torch.from_numpy(mask)[:, None], 0)
+        regions.append((features, torch.from_numpy(np.asarray(image.norm_bb, dtype=np.float32))))
+    return (regions, torch.from_numpy(np.concatenate(feats)) if feature_targets else None,
+            torch.from_numpy(np.concatenate(soft)) if soft_targets else None)
+
+
 def make_task_batch(corpus: PretrainCorpus, task: str, indices: Sequence[int], rng: np.random.Generator,
                     options: MaskingOptions = MaskingOptions()) -> PretrainBatch:
-    """Collate examples `indices` of `corpus` into one packed batch for `task`, with its targets."""
+    """Collate examples `indices` of `corpus` into one packed batch for `task`, with its targets.
+
+    Random draws happen per sample in a fixed order (words, ITM swap, regions), before any region is read, so a
+    batch depends only on (corpus, indices, rng state), whichever Mapping holds the regions.
+    """
     mask_words = task in TEXT_MASKED or (not options.conditional_masking and task in REGIONS_MASKED)
     mask_boxes = task in REGIONS_MASKED or (not options.conditional_masking and task in TEXT_MASKED)
     vocab = corpus.vocab
-    text_ids, regions, region_masks, word_labels, itm_labels = [], [], [], [], []
+    text_ids, image_ids, region_masks, word_labels, itm_labels = [], [], [], [], []
     for index in indices:
         words, image_id = corpus.texts[index], corpus.image_ids[index]
         labels = np.full(len(words), -1)
@@ -107,14 +158,12 @@ def make_task_batch(corpus: PretrainCorpus, task: str, indices: Sequence[int], r
                 image_id = corpus.negative_image(image_id, rng)
         text_ids.append(np.concatenate([[vocab.cls_id], words, [vocab.sep_id]]))
         word_labels.append(np.concatenate([[-1], labels, [-1]]))
-        image = corpus.images[image_id]
-        n = image.features.shape[0]
-        chosen = mask_regions(n, rng, prob=options.mrm_prob) if mask_boxes else np.zeros(n, dtype=bool)
-        features = torch.from_numpy(np.asarray(image.features))
-        if chosen.any():  # masked regions arrive zeroed; the model adds the learned [MASK] feature
-            features = features.masked_fill(torch.from_numpy(chosen)[:, None], 0)
-        regions.append((features, torch.from_numpy(np.asarray(image.norm_bb, dtype=np.float32))))
-        region_masks.append(chosen)
+        n = region_count(corpus.images, image_id)
+        region_masks.append(mask_regions(n, rng, prob=options.mrm_prob) if mask_boxes else np.zeros(n, dtype=bool))
+        image_ids.append(image_id)
+
+    regions, mrm_feat, mrm_soft = batch_regions(corpus.images, image_ids, region_masks, task == "mrfr",
+                                                task in REGIONS_MASKED and task != "mrfr")
 
     inputs = pack_batch(text_ids, regions, img_masks=region_masks if mask_boxes else None)
     batch = PretrainBatch(task=task, inputs=inputs)
@@ -123,14 +172,8 @@ def make_task_batch(corpus: PretrainCorpus, task: str, indices: Sequence[int], r
         batch.mlm_rows = inputs.text_rows[labels != -1]
         batch.mlm_labels = labels[labels != -1]
     if task in REGIONS_MASKED:
-        chosen = torch.from_numpy(np.concatenate(region_masks))
-        batch.mrm_rows = inputs.region_rows[chosen]
-        picked = [(corpus.images[corpus.image_ids[i]], m) for i, m in zip(indices, region_masks)]
-        if task == "mrfr":
-            batch.mrm_feat = torch.from_numpy(np.concatenate([np.asarray(img.features)[m] for img, m in picked]))
-        else:  # soft labels (44% of the bytes) only for the tasks that read them
-            batch.mrm_soft_labels = torch.from_numpy(
-                np.concatenate([np.asarray(img.soft_labels)[m] for img, m in picked]))
+        batch.mrm_rows = inputs.region_rows[torch.from_numpy(np.concatenate(region_masks))]
+        batch.mrm_feat, batch.mrm_soft_labels = mrm_feat, mrm_soft
     if task == "itm":
         batch.itm_labels = torch.tensor(itm_labels, dtype=torch.long)
     return batch

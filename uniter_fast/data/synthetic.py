@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "CLASS_NAMES", "COLOURS", "SIZES", "STUFF_NAMES", "RELATIONS", "POSITIONS", "WorldConfig", "ImageRegions",
-    "Caption", "SceneObject", "Scene", "WorldSplit", "make_world",
+    "Caption", "SceneObject", "Scene", "WorldSplit", "make_world", "caption_tokenizer",
 ]
 
 CLASS_NAMES: tuple[str, ...] = (
@@ -463,3 +463,11 @@ def make_world(config: WorldConfig) -> dict[str, WorldSplit]:
         "train": _make_split(np.random.default_rng(train_seed), "train", config.num_train_images, protos, config),
         "val": _make_split(np.random.default_rng(val_seed), "val", config.num_val_images, protos, config),
     }
+
+
+def caption_tokenizer(split: WorldSplit, vocab_size: int):
+    """The demo's WordPiece vocabulary, trained on a split's captions: the in-memory run and the text corpus
+    written from the world (uniter_fast.data.convert.synthetic) both use it, so their token ids agree."""
+    from uniter_fast.data.tokenizer import Tokenizer  # the world itself needs only numpy
+
+    return Tokenizer.train([c.text for c in split.captions], vocab_size=vocab_size)

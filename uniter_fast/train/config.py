@@ -28,6 +28,44 @@ class DataOptions:
     world: WorldConfig = WorldConfig()   # the built-in synthetic world
     vocab_size: int = 400                # of the WordPiece vocabulary trained on its captions
     max_txt_len: int = 60                # captions longer than this many words are dropped, as the original
+    # files instead of the synthetic world (all three together; docs/converters.md writes them). Relative paths
+    # are relative to the working directory, like output_dir. `world` and `vocab_size` are then unused: the
+    # vocabulary is the text corpora's.
+    region_store: str | None = None      # a region store directory (uniter_fast.data.region_store)
+    text_corpus: str | tuple | None = None      # training text corpus file(s) (uniter_fast.data.text_corpus)
+    val_text_corpus: str | tuple | None = None  # held-out text corpus file(s): validation and retrieval
+
+    def __post_init__(self) -> None:
+        files = {"region_store": self.region_store, "text_corpus": self.text_corpus,
+                 "val_text_corpus": self.val_text_corpus}
+        for name in ("text_corpus", "val_text_corpus"):
+            value = files[name]
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, name, value)
+            if isinstance(value, tuple) and not value:
+                raise ValueError(f"{name}: an empty list; give one corpus file or several")
+            for path in value if isinstance(value, tuple) else (value,):
+                if path is not None and (not isinstance(path, str) or not path):
+                    raise ValueError(f"{name} must be a path or a list of paths, got {path!r}")
+        if self.region_store is not None and (not isinstance(self.region_store, str) or not self.region_store):
+            raise ValueError(f"region_store must be a path (a string), got {self.region_store!r}")
+        given = [k for k, v in files.items() if v is not None]
+        if given and len(given) != len(files):
+            absent = [k for k in files if k not in given]
+            raise ValueError(f"{', '.join(given)} given without {', '.join(absent)}: reading files instead of the "
+                             "synthetic world needs region_store, text_corpus and val_text_corpus together")
+        if isinstance(self.max_txt_len, bool) or not isinstance(self.max_txt_len, int) or self.max_txt_len < 1:
+            raise ValueError(f"max_txt_len must be a positive integer, got {self.max_txt_len!r}")
+
+    @property
+    def from_files(self) -> bool:
+        """Whether the data comes from a region store and text corpora rather than the synthetic world."""
+        return self.region_store is not None
+
+    def corpus_paths(self, name: str) -> tuple[str, ...]:
+        value = getattr(self, name)
+        return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
 @dataclass(frozen=True)

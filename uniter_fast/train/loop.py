@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from uniter_fast.data.pretrain import MaskingOptions, PretrainCorpus, Vocab, make_task_batch
 from uniter_fast.data.sampler import TokenBucketSampler
-from uniter_fast.data.synthetic import WorldSplit, make_world
+from uniter_fast.data.synthetic import caption_tokenizer, make_world
+from uniter_fast.data.text_corpus import read_text_corpus, tokenizer_from_meta
 from uniter_fast.data.tokenizer import Tokenizer
 from uniter_fast.eval.retrieval import recall_at_k, score_matrix
 from uniter_fast.eval.validation import validate
@@ -29,38 +30,128 @@ log = logging.getLogger("uniter_fast.train")
 
 @dataclass
 class PretrainData:
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None       # None when the text corpora carry only ids (an original text DB)
     train: PretrainCorpus
     val: PretrainCorpus
-    val_split: WorldSplit
+    vocab_size: int
+    retrieval_texts: list[np.ndarray]  # zero-shot retrieval: one held-out caption per image, with [CLS]/[SEP]
+    retrieval_image_ids: list[str]     # its images, in val.images
+    text_meta: dict | None = None      # the corpora's vocabulary meta (files only)
 
 
 def build_synthetic_data(cfg: PretrainConfig) -> PretrainData:
     """The built-in world, a WordPiece vocabulary trained on its training captions, and both corpora."""
     world = make_world(cfg.data.world)
-    tokenizer = Tokenizer.train([c.text for c in world["train"].captions], vocab_size=cfg.data.vocab_size)
+    tokenizer = caption_tokenizer(world["train"], cfg.data.vocab_size)
     vocab = Vocab(tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id, tokenizer.vocab_range)
+    ids = {name: tokenizer.encode_batch([c.text for c in split.captions]) for name, split in world.items()}
 
-    def corpus(split: WorldSplit) -> PretrainCorpus:
-        ids = tokenizer.encode_batch([c.text for c in split.captions])
-        keep = [i for i, t in enumerate(ids) if len(t) <= cfg.data.max_txt_len]
-        return PretrainCorpus([ids[i] for i in keep], [split.captions[i].image_id for i in keep], split.images,
-                              vocab, [split.captions[i].text_id for i in keep])
+    def corpus(name: str) -> PretrainCorpus:
+        captions = world[name].captions
+        keep = [i for i, t in enumerate(ids[name]) if len(t) <= cfg.data.max_txt_len]
+        return PretrainCorpus([ids[name][i] for i in keep], [captions[i].image_id for i in keep],
+                              world[name].images, vocab, [captions[i].text_id for i in keep])
 
-    return PretrainData(tokenizer, corpus(world["train"]), corpus(world["val"]), world["val"])
+    texts, image_ids = _first_captions(ids["val"], [c.image_id for c in world["val"].captions], vocab)
+    return PretrainData(tokenizer, corpus("train"), corpus("val"), tokenizer.vocab_size, texts, image_ids)
+
+
+def _first_captions(texts, image_ids, vocab: Vocab) -> tuple[list[np.ndarray], list[str]]:
+    """Each image's first caption with [CLS]/[SEP], images in order of first mention (retrieval's queries and
+    gallery; unfiltered by max_txt_len, as before files were read)."""
+    first: dict[str, np.ndarray] = {}
+    for ids, image_id in zip(texts, image_ids):
+        if image_id not in first:
+            first[image_id] = np.array([vocab.cls_id, *ids, vocab.sep_id], dtype=np.int64)
+    return list(first.values()), list(first)
+
+
+def _read_corpora(paths, key: str) -> tuple[list, list, list, dict]:
+    """Several corpus files read as one; they must share the vocabulary. Errors name the config key and file."""
+    texts, image_ids, text_ids, meta, first = [], [], [], None, None
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.{key}: text corpus {path} does not exist")
+        t, i, ids, m = read_text_corpus(path)
+        vocab = {k: m.get(k) for k in ("CLS", "SEP", "MASK", "v_range", "vocab_size")}
+        if meta is None:
+            meta, first = m, (path, vocab)
+        elif vocab != first[1]:
+            raise ValueError(f"data.{key}: {path} has the vocabulary {vocab}, {first[0]} has {first[1]}: corpora "
+                             "read together must share one")
+        texts += t
+        image_ids += i
+        text_ids += ids
+    return texts, image_ids, text_ids, meta
+
+
+def build_file_data(cfg: PretrainConfig) -> PretrainData:
+    """Regions from the configured region store, texts from the configured text corpora (DataOptions)."""
+    from uniter_fast.data.region_store import RegionStore
+
+    opts = cfg.data
+    if not Path(opts.region_store).exists():
+        raise FileNotFoundError(f"data.region_store: {opts.region_store} does not exist")
+    store = RegionStore(opts.region_store)
+    needs_soft = sorted(t for t in _all_tasks(cfg) if t in ("mrc", "mrckl"))
+    if needs_soft and not store.has_soft_labels:
+        raise ValueError(f"tasks {needs_soft} learn from soft labels, which the region store {opts.region_store} "
+                         "does not hold (e.g. converted from a TSV): drop them from tasks and task_phases")
+    splits = {}
+    for key in ("text_corpus", "val_text_corpus"):
+        texts, image_ids, text_ids, meta = _read_corpora(opts.corpus_paths(key), key)
+        missing = sorted({i for i in image_ids if i not in store})
+        if missing:
+            raise KeyError(f"data.{key}: {len(missing)} images its texts refer to are not in the region store "
+                           f"{opts.region_store}, e.g. {missing[:3]}")
+        splits[key] = (texts, image_ids, text_ids, meta)
+    train_meta, val_meta = splits["text_corpus"][3], splits["val_text_corpus"][3]
+    if {k: train_meta.get(k) for k in ("CLS", "SEP", "MASK", "v_range", "vocab_size")} != \
+            {k: val_meta.get(k) for k in ("CLS", "SEP", "MASK", "v_range", "vocab_size")}:
+        raise ValueError("data.val_text_corpus: its vocabulary differs from data.text_corpus's")
+    vocab = Vocab(train_meta["CLS"], train_meta["SEP"], train_meta["MASK"], tuple(train_meta["v_range"]))
+
+    def corpus(texts, image_ids, text_ids) -> PretrainCorpus:
+        keep = [i for i, t in enumerate(texts) if len(t) <= opts.max_txt_len]
+        return PretrainCorpus([texts[i] for i in keep], [image_ids[i] for i in keep], store, vocab,
+                              [text_ids[i] for i in keep])
+
+    val_texts, val_images = splits["val_text_corpus"][:2]
+    r_texts, r_images = _first_captions(val_texts, val_images, vocab)
+    return PretrainData(tokenizer_from_meta(train_meta, f"data.text_corpus {opts.corpus_paths('text_corpus')[0]}"),
+                        corpus(*splits["text_corpus"][:3]), corpus(*splits["val_text_corpus"][:3]),
+                        int(train_meta["vocab_size"]), r_texts, r_images, train_meta)
+
+
+def _all_tasks(cfg: PretrainConfig) -> list[str]:
+    """Every task the run draws: its phases' and the mix's, in first-seen order."""
+    return list(dict.fromkeys([*cfg.tasks, *(t for phase in cfg.task_phases for t in phase["tasks"])]))
+
+
+def _check_region_widths(images, model_config, cfg: PretrainConfig) -> None:
+    """A region store's feature and soft-label widths must be the model's (img_dim, img_label_dim)."""
+    feature_dim, label_dim = getattr(images, "feature_dim", None), getattr(images, "label_dim", None)
+    if feature_dim is not None and feature_dim != model_config.img_dim:
+        raise ValueError(f"data.region_store {cfg.data.region_store} holds {feature_dim}-wide features but the model's "
+                         f"img_dim is {model_config.img_dim}: set model.overrides.img_dim")
+    uses_labels = any(t in ("mrc", "mrckl") for t in _all_tasks(cfg))
+    if uses_labels and label_dim is not None and label_dim != model_config.img_label_dim:
+        raise ValueError(f"data.region_store {cfg.data.region_store} holds {label_dim}-way soft labels but the "
+                         f"model's img_label_dim is {model_config.img_label_dim}: set model.overrides.img_label_dim")
+
+
+def build_data(cfg: PretrainConfig) -> PretrainData:
+    """The configured pre-training data: files when data.region_store is set, else the synthetic world."""
+    return build_file_data(cfg) if cfg.data.from_files else build_synthetic_data(cfg)
 
 
 def retrieval_eval(model, data: PretrainData, num_images: int, device: torch.device) -> dict[str, float]:
     """Zero-shot retrieval on the held-out split: the first caption of each of the first `num_images` images."""
-    image_ids = list(data.val_split.images)[:num_images]
-    first_caption = {}
-    for caption in data.val_split.captions:
-        first_caption.setdefault(caption.image_id, caption.text)
-    tok = data.tokenizer
-    texts = [np.array([tok.cls_id, *tok.encode(first_caption[i]), tok.sep_id]) for i in image_ids]
+    image_ids = data.retrieval_image_ids[:num_images]
+    texts = data.retrieval_texts[:num_images]
     was_training = model.training
     model.eval()
-    scores = score_matrix(model, texts, [data.val_split.images[i] for i in image_ids], device=device)
+    scores = score_matrix(model, texts, [data.val.images[i] for i in image_ids], device=device)
     model.train(was_training)
     return recall_at_k(scores, list(range(len(image_ids))))
 
@@ -89,15 +180,16 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
-    data = build_synthetic_data(cfg)
-    model_config = cfg.model.build_config(vocab_size=data.tokenizer.vocab_size)
+    data = build_data(cfg)
+    model_config = cfg.model.build_config(vocab_size=data.vocab_size)
+    _check_region_widths(data.train.images, model_config, cfg)
     if cfg.model.init_checkpoint:
         model = UniterForPretraining.from_pretrained(cfg.model.init_checkpoint, model_config,
                                                      itm_ot_lambda=cfg.itm_ot_lambda)
     else:
         model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda)
     engine = build_engine(model.to(device), cfg)
-    tasks = list(dict.fromkeys([*cfg.tasks, *(t for phase in cfg.task_phases for t in phase["tasks"])]))
+    tasks = _all_tasks(cfg)
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
     sampler = TaskSampler(cfg.tasks, cfg.seed, cfg.task_phases)
 
@@ -142,12 +234,12 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
                                num_batches=cfg.eval.val_batches, options=streams.options, device=device,
                                seed=cfg.seed),
         "zero_shot_retrieval": retrieval_eval(model, data, cfg.eval.retrieval_images, device),
-        "chance": {"retrieval_r1": 100.0 / min(cfg.eval.retrieval_images, len(data.val_split.images)),
-                   "itm_acc": 0.5, "mlm_acc": 1.0 / data.tokenizer.vocab_size},
+        "chance": {"retrieval_r1": 100.0 / min(cfg.eval.retrieval_images, len(data.retrieval_image_ids)),
+                   "itm_acc": 0.5, "mlm_acc": 1.0 / data.vocab_size},
     }
     with full_parameters(model):  # ZeRO-3 keeps a shard per rank: gather before writing the checkpoint
         if rank == 0:
-            _write_outputs(out_dir, cfg, model, data.tokenizer, history, metrics)
+            _write_outputs(out_dir, cfg, model, data, history, metrics)
     return metrics
 
 
@@ -161,14 +253,18 @@ def _final_train(history: list[dict], tasks) -> dict:
     return out
 
 
-def _write_outputs(out_dir: Path, cfg: PretrainConfig, model, tokenizer: Tokenizer, history, metrics) -> None:
+def _write_outputs(out_dir: Path, cfg: PretrainConfig, model, data: PretrainData, history, metrics) -> None:
     from uniter_fast.viz.curves import plot_curves
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ckpt").mkdir(exist_ok=True)
     save_checkpoint(model, out_dir / "ckpt" / f"model_step_{cfg.num_train_steps}.pt")
     model.config.to_json(out_dir / "ckpt" / "config.json")
-    tokenizer.save(out_dir / "ckpt" / "tokenizer.json")
+    if data.tokenizer is not None:
+        data.tokenizer.save(out_dir / "ckpt" / "tokenizer.json")
+    if data.text_meta is not None:  # the vocabulary's ids (an original text DB's meta.json carries no tokenizer)
+        meta = {k: v for k, v in data.text_meta.items() if k != "tokenizer"}
+        (out_dir / "ckpt" / "text_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "pretrain_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
