@@ -84,13 +84,14 @@ def varlen_attention_ref(
 def attention_probs_ref(
     q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, *, softmax_scale: float | None = None
 ) -> list[torch.Tensor]:
-    """The attention probabilities of each sample, (heads, L_b, L_b) fp32 each: for maps and visualisation."""
+    """The attention probabilities of each sample, (heads, L_b, L_b) in fp32 or finer: for maps and visualisation."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     bounds = cu_seqlens.tolist()
     probs = []
-    with torch.autocast(q.device.type, enabled=False):  # fp32 maps, also inside a bf16 autocast region
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 maps (fp64 for fp64 inputs)
+    with torch.autocast(q.device.type, enabled=False):  # also inside a bf16 autocast region
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), k[lo:hi].float()) * scale
+            scores = torch.einsum("qhd,khd->hqk", q[lo:hi].to(dtype), k[lo:hi].to(dtype)) * scale
             probs.append(scores.softmax(-1))
     return probs
 
