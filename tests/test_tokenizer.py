@@ -137,7 +137,7 @@ def test_from_vocab_file_missing_file(tmp_path):
 
 
 def test_training_is_deterministic(captions):
-    """The trainer numbers tied tokens in hash order; ours renumbers them, so every run sees the same ids."""
+    """The `tokenizers` trainer broke ties in hash order (other tokens, other ids per call); ours does not."""
     first = Tokenizer.train(captions, vocab_size=120)
     for _ in range(3):
         again = Tokenizer.train(captions, vocab_size=120)

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import string
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)   # trained vocabularies put them at ids 0..4
@@ -56,17 +57,22 @@ class Tokenizer:
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1000, lowercase: bool = False) -> "Tokenizer":
-        """A WordPiece vocabulary of at most vocab_size ids learnt from texts; specials are ids 0..4."""
+        """A WordPiece vocabulary learnt from texts, the same on every call: the specials at ids 0..4, every printable
+        ASCII character (so '!' exists and no ASCII text hits [UNK]), '##' + each character seen inside a word, then
+        whole words by frequency (ties by spelling) up to vocab_size ids; ids follow the tokens' sorted order.
+
+        A word left out is split into characters. (The `tokenizers` WordPiece trainer breaks ties between merges in
+        hash order: its vocabulary differed between calls on the same captions.)
+        """
         tok = _bert_pipeline(models.WordPiece(unk_token=UNK), lowercase)
-        # every printable ASCII character is a token, so '!' exists and no ASCII text hits [UNK]
-        alphabet = sorted(set(string.printable) - set(string.whitespace))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                            initial_alphabet=alphabet, show_progress=False)
-        tok.train_from_iterator(texts, trainer)
-        # the trainer numbers tied tokens in hash order, different in every call: renumber them deterministically
-        # (specials at 0..4, then the rest sorted, so '!' (0x21) comes first and every '##' piece after it)
-        learnt = tok.get_vocab()
-        order = list(SPECIAL_TOKENS) + sorted(t for t in learnt if t not in SPECIAL_TOKENS)
+        counts: Counter[str] = Counter()
+        for text in texts:
+            counts.update(word for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+        alphabet = set(string.printable) - set(string.whitespace)
+        pieces = alphabet | {"##" + c for word in counts for c in word[1:]}
+        words = sorted((w for w in counts if w not in pieces), key=lambda w: (-counts[w], w))
+        room = max(vocab_size - len(SPECIAL_TOKENS) - len(pieces), 0)
+        order = list(SPECIAL_TOKENS) + sorted(pieces | set(words[:room]))  # '!' (0x21) sorts first
         return cls(_bert_pipeline(models.WordPiece({t: i for i, t in enumerate(order)}, unk_token=UNK), lowercase))
 
     @classmethod
