@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from harness import RESULTS_CSV, CsvWriter, Skip, Timer, device_name, failure, median, quantile, ratio, triton_version
+from harness import RESULTS_CSV, Skip, Timer, failure, median, open_run, quantile, ratio
 
 from uniter_fast.kernels import attention, attention_xformers, reference
 
@@ -271,19 +271,11 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.pop("UNITER_FAST_BACKEND", None)  # it would override the backend each implementation names
-    if args.cpu_smoke:
-        device = torch.device("cpu")
-    elif not torch.cuda.is_available():
-        print("bench_attention: no CUDA device here; pass --cpu-smoke (with TRITON_INTERPRET=1) to check the code "
-              "paths on the CPU.", file=sys.stderr)
+    opened = open_run("bench_attention", args)
+    if opened is None:
         return 2
-    else:
-        device = torch.device("cuda", torch.cuda.current_device())
-    timer = Timer(device, args.reps, args.warmup)
-    writer = CsvWriter(args.csv, "bench_attention", device) if args.csv is not None else None
-    print(f"bench_attention: {device_name(device)}, torch {torch.__version__}, triton {triton_version()}; "
-          f"models {args.models}, batches {args.batches}, B={args.batch_size}, {args.dtype}, passes {args.passes}")
+    device, timer, writer = opened
+    print(f"models {args.models}, batches {args.batches}, B={args.batch_size}, {args.dtype}, passes {args.passes}")
     if args.cpu_smoke:
         print("cpu smoke: tiny sizes, interpreter, times mean nothing")
     start = time.perf_counter()

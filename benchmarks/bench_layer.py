@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS_CSV, CsvWriter, Skip, Timer, device_name, failure, median, quantile, ratio, triton_version
+from harness import RESULTS_CSV, Skip, failure, median, open_run, quantile, ratio
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -143,19 +143,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.pop("UNITER_FAST_BACKEND", None)  # it would override the backend each implementation names
-    if args.cpu_smoke:
-        device = torch.device("cpu")
-    elif not torch.cuda.is_available():
-        print("bench_layer: no CUDA device here; pass --cpu-smoke (with TRITON_INTERPRET=1) to check the code paths "
-              "on the CPU.", file=sys.stderr)
+    opened = open_run("bench_layer", args)
+    if opened is None:
         return 2
-    else:
-        device = torch.device("cuda", torch.cuda.current_device())
-    timer = Timer(device, args.reps, args.warmup)
-    writer = CsvWriter(args.csv, "bench_layer", device) if args.csv is not None else None
-    print(f"bench_layer: {device_name(device)}, torch {torch.__version__}, triton {triton_version()}; "
-          f"models {args.models}, B={args.batch_size}, {'fp32 (cpu smoke)' if args.cpu_smoke else 'bf16 autocast'}, "
+    device, timer, writer = opened
+    print(f"models {args.models}, B={args.batch_size}, {'fp32 (cpu smoke)' if args.cpu_smoke else 'bf16 autocast'}, "
           "dropout on, forward+backward")
     start = time.perf_counter()
     for model in args.models:

@@ -39,7 +39,6 @@ Rows go to benchmarks/results.csv with bench_ot.py's columns (samples/s and GB/s
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -56,14 +55,12 @@ import lmdb
 import msgpack
 import numpy as np
 import torch
+from harness import RESULTS_CSV, CsvWriter
 from torch.utils.data import DataLoader, Dataset
 
 from uniter_fast.data import RegionStore, RegionStoreWriter
 
 FEATURE_DIM, LABEL_DIM = 2048, 1601
-CSV_FIELDS = ["date", "device", "torch", "triton", "bench", "case", "impl", "B", "dtype", "median_us", "speedup_vs",
-              "notes"]
-RESULTS_CSV = Path(__file__).resolve().parent / "results.csv"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,35 +359,6 @@ def device_name() -> str:
     return f"cpu: {name}, {cores} cores"
 
 
-def triton_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("triton")
-    except Exception:  # noqa: BLE001 - not installed
-        return ""
-
-
-class CsvWriter:
-    """Appends rows, keeping the columns of a file that already has a header (as bench_ot.py does)."""
-
-    def __init__(self, path: Path, common: dict):
-        self.path, self.common = path, common
-        fields = None
-        if path.exists() and path.stat().st_size:
-            with path.open(newline="") as f:
-                fields = next(csv.reader(f), None)
-        self.fields, self.new = fields or CSV_FIELDS, fields is None
-
-    def write(self, row: dict) -> None:
-        row = {**self.common, **row}
-        with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
-            if self.new:
-                writer.writeheader()
-                self.new = False
-            writer.writerow(row)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="512 images, one epoch per measurement")
@@ -410,8 +378,7 @@ def main(argv=None) -> None:
     epochs = args.epochs or (1 if args.quick else 2)
     device = device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    writer = CsvWriter(args.csv, dict(date=date, device=device, torch=torch.__version__, triton=triton_version(),
-                                      bench="bench_loader")) if not args.no_csv else None
+    writer = None if args.no_csv else CsvWriter(args.csv, "bench_loader", torch.device("cpu"), device_label=device)
     print(f"# bench_loader  {date}  {device}  torch {torch.__version__} ({torch.get_num_threads()} thread)  "
           f"images={images} batch={args.batch} epochs={epochs}")
     print("# cold = page cache evicted with os.posix_fadvise(POSIX_FADV_DONTNEED) on every file before each "

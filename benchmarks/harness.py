@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +47,24 @@ def triton_version() -> str:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def open_run(bench: str, args) -> "tuple[torch.device, Timer, CsvWriter | None] | None":
+    """A GPU benchmark's device, timer and results file (args: cpu_smoke, reps, warmup, csv); prints the header's
+    start. None, after saying why, without CUDA and without --cpu-smoke. UNITER_FAST_BACKEND is cleared: it would
+    override the backend each implementation names."""
+    os.environ.pop("UNITER_FAST_BACKEND", None)
+    if args.cpu_smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        print(f"{bench}: no CUDA device here; pass --cpu-smoke (with TRITON_INTERPRET=1) to check the code paths on "
+              "the CPU.", file=sys.stderr)
+        return None
+    writer = CsvWriter(args.csv, bench, device) if args.csv is not None else None
+    print(f"{bench}: {device_name(device)}, torch {torch.__version__}, triton {triton_version()}", end="; ")
+    return device, Timer(device, args.reps, args.warmup), writer
 
 
 def failure(err: Exception) -> str:
@@ -107,10 +127,11 @@ def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
 class CsvWriter:
     """Appends rows to results.csv, keeping the columns of a file that already has a header."""
 
-    def __init__(self, path: Path, bench: str, device: torch.device):
+    def __init__(self, path: Path, bench: str, device: torch.device, device_label: str | None = None):
         self.path = path
         self.common = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                           device=device_name(device), torch=torch.__version__, triton=triton_version(), bench=bench)
+                           device=device_label or device_name(device), torch=torch.__version__,
+                           triton=triton_version(), bench=bench)
         fields = None
         if path.exists() and path.stat().st_size:
             with path.open(newline="") as f:
