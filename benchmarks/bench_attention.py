@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from harness import RESULTS_CSV, Skip, Timer, failure, median, open_run, quantile, ratio
+from harness import RESULTS_CSV, Skip, Timer, failure, median, open_run, quantile, ratio, speedup_vs
 
 from uniter_fast.kernels import attention, attention_xformers, reference
 
@@ -260,7 +260,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
         print(f"{impl:<14}{m:>11.1f}{quantile(times, 2):>10.1f}{quantile(times, 8):>10.1f}{flop / m / 1e6:>9.1f}"
               f"{err:>10}  {speedup} {note}".rstrip())
         if writer is not None:
-            vs = ";".join(f"{p}={median(t) / m:.2f}" for p, t, _, _ in rows[1:] if t) if impl == "ours_triton" else ""
+            vs = speedup_vs([(r[0], r[1]) for r in rows[1:]], m) if impl == "ours_triton" else ""
             writer.write(dict(case=f"{pass_} {model} {name}", impl=impl, B=len(batch.lens), dtype=args.dtype,
                               median_us=f"{m:.2f}", speedup_vs=vs,
                               notes=f"heads={batch.heads} d={args.head_dim} N={batch.max_len} tokens={sum(batch.lens)} "

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS_CSV, Skip, failure, median, open_run, quantile, ratio
+from harness import RESULTS_CSV, Skip, failure, median, open_run, quantile, ratio, speedup_vs
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             print(f"{impl:<13}{m / 1e3:>11.2f}{quantile(times, 2) / 1e3:>9.2f}{quantile(times, 8) / 1e3:>9.2f}"
                   f"{tokens / m * 1e6:>11.0f}  {speedup} {note}".rstrip())
             if writer is not None:
-                vs = ";".join(f"{p}={median(t) / m:.2f}" for p, t, _ in rows[1:] if t) if impl == "ours_triton" else ""
+                vs = speedup_vs([(r[0], r[1]) for r in rows[1:]], m) if impl == "ours_triton" else ""
                 writer.write(dict(case=f"encoder_fwd_bwd {model}", impl=impl, B=len(case.lens),
                                   dtype="fp32" if args.cpu_smoke else "bf16-autocast", median_us=f"{m:.1f}",
                                   speedup_vs=vs, notes=f"tokens={tokens} N={case.N} tokens_per_s={tokens / m * 1e6:.0f} "

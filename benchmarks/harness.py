@@ -155,6 +155,11 @@ class CsvWriter:
         self.count += 1
 
 
+def speedup_vs(peers, ours_median_us: float) -> str:
+    """results.csv's speedup_vs: peer=ratio of each timed peer's median to ours. peers: (name, times or None)."""
+    return ";".join(f"{name}={median(times) / ours_median_us:.2f}" for name, times in peers if times)
+
+
 def fraction(x: float) -> str:
     return f"{x:.1%}" if x >= 0.001 else f"{x:.0e}"
 
