@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from uniter_fast.data.packing import box7, pack_batch
+from uniter_fast.data.packing import PackedRegions, box7, pack_batch
 from helpers import random_samples
 
 
@@ -75,3 +75,17 @@ def test_to_moves_tensors_and_keeps_ints():
     texts, regions = random_samples(2, seed=4)
     batch = pack_batch(texts, regions).to("cpu")
     assert isinstance(batch.max_seqlen, int) and batch.input_ids.device.type == "cpu"
+
+
+def test_packed_regions_are_taken_without_a_copy():
+    texts, regions = random_samples(5, seed=7)
+    counts = [0 if r is None else r[0].shape[0] for r in regions]
+    features = torch.cat([r[0] for r in regions if r is not None])
+    boxes7 = torch.cat([box7(r[1]) for r in regions if r is not None])
+    expected = pack_batch(texts, regions)
+    got = pack_batch(texts, PackedRegions(features, boxes7, counts))
+    for name in ("input_ids", "img_feat", "img_pos", "cu_seqlens", "gather_index", "text_rows", "region_rows"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert got.img_feat.data_ptr() == features.data_ptr()  # the gathered buffer itself
+    with pytest.raises(ValueError, match="do not hold the counts"):
+        pack_batch(texts, PackedRegions(features, boxes7, [c + 1 for c in counts]))

@@ -85,6 +85,16 @@ class PackedBatch:
         return pad_rows(hidden, self.cu_seqlens[:-1] + self.text_lens, self.region_lens, self.max_regions)
 
 
+@dataclass(frozen=True)
+class PackedRegions:
+    """Every sample's regions already concatenated in sample order (what RegionStore.gather returns): pack_batch
+    takes them as they are instead of concatenating per-sample pieces again."""
+
+    features: torch.Tensor   # (total_regions, img_dim)
+    boxes: torch.Tensor      # (total_regions, 6 or 7)
+    counts: Sequence[int]    # regions of each sample (0: a text-only sample)
+
+
 def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
@@ -100,9 +110,13 @@ def pack_batch(
     """Pack B samples.
 
     text_ids: per sample a 1-D sequence of token ids, [CLS] ... [SEP] included.
-    regions: per sample (features (n, img_dim), boxes (n, 6) or (n, 7)) or None for a text-only sample.
+    regions: per sample (features (n, img_dim), boxes (n, 6) or (n, 7)) or None for a text-only sample; or one
+        PackedRegions for the whole batch (used without a copy).
     token_type_ids / img_type_ids / img_masks: optional per-sample sequences matching the text / regions.
     """
+    packed = regions if isinstance(regions, PackedRegions) else None
+    if packed is not None:
+        regions = _split_packed(packed)
     if len(text_ids) != len(regions):
         raise ValueError(f"pack_batch: {len(text_ids)} texts but {len(regions)} region entries")
     if len(text_ids) == 0:
@@ -175,8 +189,8 @@ def pack_batch(
         input_ids=torch.cat(ids),
         position_ids=torch.arange(total_text) - text_start.long()[sample_of_text],
         token_type_ids=torch.cat(ttypes),
-        img_feat=torch.cat([f.to(feat_dtype) for f in feats]),
-        img_pos=torch.cat(boxes),
+        img_feat=packed.features if packed is not None else torch.cat([f.to(feat_dtype) for f in feats]),
+        img_pos=torch.cat(boxes) if packed is None or packed.boxes.shape[1] != 7 else packed.boxes.float(),
         img_type_ids=torch.cat(itypes),
         img_masks=None if img_masks is None else torch.cat(masks),
         text_lens=text_lens,
@@ -189,3 +203,14 @@ def pack_batch(
         max_text_len=int(text_lens.max()),
         max_regions=int(region_lens.max()),
     )
+
+
+def _split_packed(packed: PackedRegions) -> list:
+    """Per-sample views of packed regions (no copy), so pack_batch checks them as it checks per-sample input."""
+    counts = [int(n) for n in packed.counts]
+    if packed.features.dim() != 2 or packed.boxes.dim() != 2 or packed.features.shape[0] != packed.boxes.shape[0] \
+            or sum(counts) != packed.features.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(f"pack_batch: packed regions of features {tuple(packed.features.shape)} and boxes "
+                         f"{tuple(packed.boxes.shape)} do not hold the counts {counts[:8]}{' ...' if len(counts) > 8 else ''}")
+    features, boxes = torch.split(packed.features, counts), torch.split(packed.boxes, counts)
+    return [(f, b) if n else None for f, b, n in zip(features, boxes, counts)]

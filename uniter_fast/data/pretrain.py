@@ -12,7 +12,7 @@ from typing import Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from uniter_fast.data.packing import pack_batch
+from uniter_fast.data.packing import PackedRegions, pack_batch
 from uniter_fast.objectives.masking import MASK_PROB, mask_regions, mask_text
 from uniter_fast.objectives.tasks import REGIONS_MASKED, TEXT_MASKED, PretrainBatch
 
@@ -100,11 +100,12 @@ def region_count(images: Mapping[str, Regions], image_id: str) -> int:
 
 def batch_regions(images: Mapping[str, Regions], image_ids: Sequence[str], region_masks: Sequence[np.ndarray],
                   feature_targets: bool, soft_targets: bool):
-    """Per sample (features with masked rows zeroed, boxes), and the masked rows' original features and soft
-    labels (concatenated in sample order) when asked for.
+    """The batch's regions with masked rows zeroed, as pack_batch takes them, and the masked rows' original features
+    and soft labels (concatenated in sample order) when asked for.
 
-    A region store gathers the whole batch in one call (its C++ reader, into one fresh buffer that is then zeroed
-    in place); any other Mapping is read image by image without copying what is not masked.
+    A region store gathers the whole batch in one call (its C++ reader, into one fresh buffer that is then zeroed in
+    place and handed to pack_batch as PackedRegions, uncopied); any other Mapping is read image by image, per sample
+    (features, boxes), without copying what is not masked.
     """
     chosen = torch.from_numpy(np.concatenate(region_masks))
     gather = getattr(images, "gather", None)
@@ -117,7 +118,7 @@ def batch_regions(images: Mapping[str, Regions], image_ids: Sequence[str], regio
         feats = got.features[chosen] if feature_targets else None
         soft = got.soft_labels[chosen] if soft_targets else None
         got.features[chosen] = 0   # masked regions arrive zeroed; the model adds the learned [MASK] feature
-        return list(zip(torch.split(got.features, counts), torch.split(got.boxes, counts))), feats, soft
+        return PackedRegions(got.features, got.boxes, counts), feats, soft
     regions, feats, soft = [], [], []
     for image_id, mask in zip(image_ids, region_masks):
         image = images[image_id]
