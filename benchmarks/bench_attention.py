@@ -33,11 +33,10 @@ if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run
 import argparse
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
-from harness import RESULTS_CSV, Skip, Timer, failure, median, open_run, quantile, ratio, speedup_vs
+from harness import add_csv_options, results_path, Skip, Timer, failure, median, open_run, quantile, ratio, speedup_vs
 
 from uniter_fast.kernels import attention, attention_xformers, reference
 
@@ -213,9 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="base only, uniter and L=160 batches")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
-    p.add_argument("--csv", default=RESULTS_CSV, type=lambda s: None if s == "none" else Path(s),
-                   help="results file to append to ('none': no file)")
+    add_csv_options(p)
     args = p.parse_args(argv)
+    args.csv = results_path(args)
     if args.quick:
         args.models, args.batches = ["base"], ["uniter", "L=160"]
     if args.cpu_smoke:

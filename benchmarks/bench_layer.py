@@ -30,10 +30,9 @@ if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run
 import argparse
 import contextlib
 import time
-from pathlib import Path
 
 import torch
-from harness import RESULTS_CSV, Skip, failure, median, open_run, quantile, ratio, speedup_vs
+from harness import add_csv_options, results_path, Skip, failure, median, open_run, quantile, ratio, speedup_vs
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -131,9 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (about 30 s per model)")
     p.add_argument("--quick", action="store_true", help="base only, no compile")
     p.add_argument("--cpu-smoke", action="store_true", help="a 2-layer toy on the CPU under TRITON_INTERPRET=1")
-    p.add_argument("--csv", default=RESULTS_CSV, type=lambda s: None if s == "none" else Path(s),
-                   help="results file to append to ('none': no file)")
+    add_csv_options(p)
     args = p.parse_args(argv)
+    args.csv = results_path(args)
     if args.quick:
         args.models, args.no_compile = ["base"], True
     if args.cpu_smoke:

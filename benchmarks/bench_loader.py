@@ -55,7 +55,7 @@ import lmdb
 import msgpack
 import numpy as np
 import torch
-from harness import RESULTS_CSV, CsvWriter
+from harness import CsvWriter, add_csv_options, results_path
 from torch.utils.data import DataLoader, Dataset
 
 from uniter_fast.data import RegionStore, RegionStoreWriter
@@ -370,15 +370,15 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache blocks")
     parser.add_argument("--only", nargs="+", default=None, help="run only loaders whose name starts with these")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch intra-op threads (see the docstring)")
-    parser.add_argument("--csv", type=Path, default=RESULTS_CSV, help="append rows here")
-    parser.add_argument("--no-csv", action="store_true", help="print only")
+    add_csv_options(parser)
     args = parser.parse_args(argv)
+    args.csv = results_path(args)
     torch.set_num_threads(args.torch_threads)
     images = args.images or (512 if args.quick else 2048)
     epochs = args.epochs or (1 if args.quick else 2)
     device = device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    writer = None if args.no_csv else CsvWriter(args.csv, "bench_loader", torch.device("cpu"), device_label=device)
+    writer = None if args.csv is None else CsvWriter(args.csv, "bench_loader", torch.device("cpu"), device_label=device)
     print(f"# bench_loader  {date}  {device}  torch {torch.__version__} ({torch.get_num_threads()} thread)  "
           f"images={images} batch={args.batch} epochs={epochs}")
     print("# cold = page cache evicted with os.posix_fadvise(POSIX_FADV_DONTNEED) on every file before each "

@@ -50,12 +50,11 @@ if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
-from harness import (MIN_REPS, RESULTS_CSV, TARGET_S, CsvWriter, Skip, Timer, cuda_graph, device_name, failure,
-                     fraction, median, quantile, ratio, triton_version)
+from harness import (MIN_REPS, TARGET_S, CsvWriter, Skip, Timer, add_csv_options, cuda_graph, device_name, failure,
+                     fraction, median, quantile, ratio, results_path, triton_version)
 
 from uniter_fast.kernels import ot as uot
 from uniter_fast.kernels import reference
@@ -128,10 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.5, help="IPOT proximal step (default 0.5)")
     p.add_argument("--eps", type=float, default=0.05, help="Sinkhorn regularisation (default 0.05)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", type=Path, default=None,
-                   help=f"append rows here (default {RESULTS_CSV.relative_to(RESULTS_CSV.parents[1])}; "
-                        "not written with --cpu-smoke unless given)")
-    p.add_argument("--no-csv", action="store_true", help="append nothing")
+    add_csv_options(p)
     args = p.parse_args(argv)
     if args.reps < MIN_REPS:
         p.error(f"--reps must be >= {MIN_REPS}")
@@ -142,10 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.reps, args.warmup = MIN_REPS, min(args.warmup, 2)
     if args.cpu_smoke:
         args.reps, args.warmup = MIN_REPS, 1
-    if args.no_csv or (args.cpu_smoke and args.csv is None):
-        args.csv = None
-    elif args.csv is None:
-        args.csv = RESULTS_CSV
+    args.csv = results_path(args)
     return args
 
 

@@ -24,6 +24,21 @@ TARGET_S = 0.15  # time per measurement the reps adapt to
 FLUSH_BYTES = 256 << 20  # larger than the H100's 50 MB L2
 
 
+def add_csv_options(parser) -> None:
+    """--csv PATH / --no-csv; resolve them after parsing with results_path(args)."""
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="append rows here (default benchmarks/results.csv; not written with --cpu-smoke unless "
+                             "given)")
+    parser.add_argument("--no-csv", action="store_true", help="append nothing")
+
+
+def results_path(args) -> Path | None:
+    """Where rows go: --csv, else results.csv, except for --no-csv and CPU smoke runs (their times mean nothing)."""
+    if args.no_csv or (getattr(args, "cpu_smoke", False) and args.csv is None):
+        return None
+    return args.csv or RESULTS_CSV
+
+
 class Skip(Exception):
     """An implementation that cannot run here; the message says why."""
 
