@@ -105,21 +105,25 @@ def varlen_attention(
     _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if requested_backend(backend) == "xformers":
-        reason = attention_xformers.unavailable(q)
-        if reason is None and deterministic:
-            reason = "deterministic=True: xformers' backward may accumulate with atomics"
-        if reason is not None:
-            raise BackendUnavailable(f"varlen_attention: the xformers backend cannot serve this call: {reason}")
-        try:
-            return attention_xformers.varlen_attention(q, k, v, cu_seqlens, dropout_p=dropout_p, softmax_scale=scale)
-        except NotImplementedError as err:  # it imports, but no operator of this build serves the call
-            raise BackendUnavailable(f"varlen_attention: the xformers backend cannot serve this call: "
-                                     f"{str(err).splitlines()[0]}") from err
+        return _on_xformers(q, k, v, cu_seqlens, dropout_p, scale, deterministic)
     if choose("varlen_attention", backend, q.device, _triton_reason(q)) == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                               softmax_scale=scale)
     seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p > 0 else 0
     return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
+
+
+def _on_xformers(q, k, v, cu_seqlens, dropout_p: float, scale: float, deterministic: bool) -> torch.Tensor:
+    """The xformers backend, or BackendUnavailable saying why it cannot serve the call."""
+    reason, cause = attention_xformers.unavailable(q), None
+    if reason is None and deterministic:
+        reason = "deterministic=True: xformers' backward may accumulate with atomics"
+    if reason is None:
+        try:
+            return attention_xformers.varlen_attention(q, k, v, cu_seqlens, dropout_p=dropout_p, softmax_scale=scale)
+        except NotImplementedError as err:  # xformers' own "no operator of this build serves these inputs"
+            reason, cause = str(err).splitlines()[0], err
+    raise BackendUnavailable(f"varlen_attention: the xformers backend cannot serve this call: {reason}") from cause
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,23 @@ def test_backend_choice_and_refusals():
     assert backend.explain("ipot", "xformers", torch.device("cpu"), None)[0] == "torch"
 
 
+def test_xformers_that_imports_but_has_no_operator_is_refused_clearly(monkeypatch):
+    """The device machine's case: xformers imports, but its operators were built for another torch."""
+    from uniter_fast.kernels import attention_xformers
+
+    def no_operator(*args, **kwargs):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+
+    monkeypatch.setattr(attention_xformers, "unavailable", lambda q: None)
+    monkeypatch.setattr(attention_xformers, "varlen_attention", no_operator)
+    q, k, v, cu = packed([5, 7], dtype=torch.float32)
+    with pytest.raises(backend.BackendUnavailable, match="xformers backend cannot serve this call: No operator") as err:
+        attention.varlen_attention(q, k, v, cu, 7, backend="xformers")
+    assert isinstance(err.value.__cause__, NotImplementedError)
+    with pytest.raises(backend.BackendUnavailable, match="deterministic=True"):
+        attention.varlen_attention(q, k, v, cu, 7, backend="xformers", deterministic=True)
+
+
 def test_module_applies_dropout_only_in_training():
     q, k, v, cu = packed([12, 7], dtype=torch.float32)
     module = attention.VarlenAttention(attention.AttentionOptions(dropout_p=0.5, backend="triton"))
