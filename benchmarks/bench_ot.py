@@ -62,6 +62,7 @@ from uniter_fast.kernels import reference
 CASES = ("fwd_cost", "wra_fwd", "wra_fwd_bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OURS = ("ipot", "ipot_log", "sinkhorn_log")
+BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12}  # data-sheet B/s, matched in this order
 COST_DIM = 8  # the fwd_cost case's cost is a cosine cost of low-dimensional vectors: spread over [0, 2]
 
 
@@ -121,8 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: tiny sizes on the CPU, our kernels under TRITON_INTERPRET=1, no CUDA graph or "
                         "compile peers, times meaningless; checks the code paths")
-    p.add_argument("--bandwidth", type=float, default=3.35e12,
-                   help="memory bandwidth for the bytes floor, B/s (default 3.35e12, H100 SXM)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="memory bandwidth for the bytes floor, B/s (default: the card's data-sheet figure, "
+                        f"{', '.join(f'{k} {v:.3g}' for k, v in BANDWIDTH.items())}; else the H100's)")
     p.add_argument("--iterations", type=int, default=50, help="solver iterations (default 50, the original's)")
     p.add_argument("--beta", type=float, default=0.5, help="IPOT proximal step (default 0.5)")
     p.add_argument("--eps", type=float, default=0.05, help="Sinkhorn regularisation (default 0.05)")
@@ -533,6 +535,9 @@ def main(argv=None) -> int:
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("warning: TRITON_INTERPRET=1 on a GPU run: our kernels run in the interpreter, times mean nothing")
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.bandwidth is None:
+        name = device_name(device)
+        args.bandwidth = next((bw for card, bw in BANDWIDTH.items() if card in name), BANDWIDTH["H100"])
     ctx = Context(args, device)
     pot_version = ctx.pot.__version__ if ctx.pot is not None else "absent"
     print(f"bench_ot: {ctx.device_name}, torch {torch.__version__}, triton {triton_version()}, POT {pot_version}; "

@@ -12,6 +12,8 @@ Nothing here validates arguments or synchronises with the host: kernels/attentio
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -196,9 +198,32 @@ def unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel call's tile (query rows x key rows; the backward's is square), warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int | None = None  # None: triton's default
+
+    def kwargs(self) -> dict:
+        return dict(num_warps=self.num_warps, **({} if self.num_stages is None else {"num_stages": self.num_stages}))
+
+
 def _block(max_seqlen: int) -> int:
     """Tile side: the longest sample rounded up to a power of two, 16 to 64 (UNITER's rows are <= 160)."""
     return min(64, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
+
+
+def forward_launch(max_seqlen: int, head_dim: int) -> Launch:
+    block = _block(max_seqlen)
+    return Launch(block, block)
+
+
+def backward_launch(max_seqlen: int, head_dim: int) -> Launch:
+    block = _block(max_seqlen)
+    return Launch(block, block)
 
 
 def _block_d(head_dim: int) -> int:
@@ -216,29 +241,31 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int):
-    """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores."""
+def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int,
+            launch: Launch | None = None):
+    """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores. launch: forward_launch's
+    rule unless given (benchmarks/tune_kernels.py sweeps it)."""
     q, k, v, cu_seqlens = _rows(q), _rows(k), _rows(v), cu_seqlens.contiguous()
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     out = torch.empty_like(q)
     lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
-    block = _block(max_seqlen)
-    grid = (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
+    launch = launch or forward_launch(max_seqlen, head_dim)
+    grid = (triton.cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     if batch == 0 or total == 0:
         return out, lse
     _fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens, q.stride(0), k.stride(0), v.stride(0), out.stride(0), lse.stride(0),
         q.stride(1), k.stride(1), v.stride(1), out.stride(1), heads, max_seqlen, softmax_scale * LOG2E,
-        dropout_p, seed, head_dim=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=block, BLOCK_N=block, num_warps=4,
-        **_flags(q.dtype, dropout_p),
+        dropout_p, seed, head_dim=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n, **launch.kwargs(), **_flags(q.dtype, dropout_p),
     )
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float,
-             seed: int):
-    """(dq, dk, dv), each like q."""
+             seed: int, launch: Launch | None = None):
+    """(dq, dk, dv), each like q. launch: backward_launch's rule unless given; its tile must be square."""
     grad_out = grad_out.contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
     out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
@@ -251,13 +278,14 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     _delta_kernel[(triton.cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
                                                    grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
                                                    BLOCK_D=_block_d(head_dim))
-    block = _block(max_seqlen)
-    grid = (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
+    launch = launch or backward_launch(max_seqlen, head_dim)
+    assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
+    grid = (triton.cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     _bwd_kernel[grid](
         q, k, v, grad_out, dq, dk, dv, lse, delta, cu_seqlens, q.stride(0), k.stride(0), v.stride(0),
         grad_out.stride(0), lse.stride(0), q.stride(1), k.stride(1), v.stride(1), grad_out.stride(1), heads,
         max_seqlen, softmax_scale, softmax_scale * LOG2E, dropout_p, seed, head_dim=head_dim,
-        BLOCK_D=_block_d(head_dim), BLOCK=block, num_warps=4, **_flags(q.dtype, dropout_p),
+        BLOCK_D=_block_d(head_dim), BLOCK=launch.block_m, **launch.kwargs(), **_flags(q.dtype, dropout_p),
     )
     return dq, dk, dv
 

@@ -374,7 +374,7 @@ def _rows_args(rows: Rows, lens: torch.Tensor) -> tuple:
 
 
 def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None, text_lens: torch.Tensor,
-             region_lens: torch.Tensor, solve: Solve, want_plan: bool):
+             region_lens: torch.Tensor, solve: Solve, want_plan: bool, tune: dict | None):
     batch = text_lens.shape[0]
     max_m, max_n = (cost.shape[1], cost.shape[2]) if cost is not None else (text.length, regions.length)
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()  # the kernels index them flat
@@ -385,7 +385,7 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
     if batch == 0:
         return dist, plan, counts
     dim = None if cost is not None else text.data.shape[-1]
-    config = _config(batch, max_m, max_n, dim)
+    config = {**_config(batch, max_m, max_n, dim), **(tune or {})}
     if cost is not None:
         cost_args, x_args, y_args = (cost, *cost.stride()), (cost, text_lens, 0, 0, 0), (cost, text_lens, 0, 0, 0)
     else:
@@ -405,20 +405,22 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
 
 
 def transport_cost(cost: torch.Tensor, text_lens: torch.Tensor, region_lens: torch.Tensor, solve: Solve,
-                   *, want_plan: bool = False):
-    """(dist (B,) fp32, plan (B, M, N) fp32 or None, counts (B,) int32 or None) from a cost (B, M, N)."""
-    return _forward(cost, None, None, text_lens, region_lens, solve, want_plan)
+                   *, want_plan: bool = False, tune: dict | None = None):
+    """(dist (B,) fp32, plan (B, M, N) fp32 or None, counts (B,) int32 or None) from a cost (B, M, N).
+    tune: launch parameters (PROBS, num_warps, num_stages...) over _config's rule (benchmarks/tune_kernels.py)."""
+    return _forward(cost, None, None, text_lens, region_lens, solve, want_plan, tune)
 
 
 def transport_vectors(text: Rows, regions: Rows, text_lens: torch.Tensor, region_lens: torch.Tensor, solve: Solve,
-                      *, want_plan: bool = False):
+                      *, want_plan: bool = False, tune: dict | None = None):
     """As transport_cost, with C = 1 - cos(text_i, region_j) computed in the kernel; both sides padded or packed."""
     assert (text.starts is None) == (regions.starts is None), "text and regions must both be padded or both packed"
-    return _forward(None, text, regions, text_lens, region_lens, solve, want_plan)
+    return _forward(None, text, regions, text_lens, region_lens, solve, want_plan, tune)
 
 
 def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_lens: torch.Tensor,
-                    plan: torch.Tensor, grad_dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    plan: torch.Tensor, grad_dist: torch.Tensor, tune: dict | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of sum_b grad_dist[b] * dist_b into text.data and regions.data with the plan constant;
     rows outside every problem get 0."""
     grad_text, grad_regions = torch.zeros_like(text.data), torch.zeros_like(regions.data)
@@ -426,7 +428,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
     if batch == 0:
         return grad_text, grad_regions
-    config = _config(batch, plan.shape[1], plan.shape[2], dim)
+    config = {**_config(batch, plan.shape[1], plan.shape[2], dim), **(tune or {})}
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
     _cosine_grad_kernel[(triton.cdiv(batch, config["PROBS"]),)](

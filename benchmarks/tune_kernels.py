@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Sweep the launch parameters of our Triton kernels at UNITER's shapes, against the rule each launcher uses.
+
+What it times (kernel calls only, no validation or autograd; harness.Timer, L2 flushed before each call):
+- attention forward and backward, base shapes (B=128, 12 heads x 64, UNITER lengths, bf16), for each
+  attention_triton.Launch in ATTN_FORWARD / ATTN_BACKWARD;
+- OT: IPOT (50 iterations) from an fp32 cost at B in --ot-sizes, the fused-cosine forward and the cosine
+  backward from bf16 vectors (D=768) at B=1024, for each override of ot_triton._config's rule in OT_*.
+Each row prints the median, the ratio to the rule's own launch ("rule") and the largest difference of the
+result from the rule's (a launch that breaks the kernel shows there). Nothing is written to results.csv: the
+chosen rule is measured by bench_attention.py and bench_ot.py.
+
+    python benchmarks/tune_kernels.py                    # about two minutes on an H100, compiles included
+    TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --cpu-smoke
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--cpu-smoke" in sys.argv:  # before anything imports triton: the kernels run under the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+from bench_attention import make_batch
+from bench_ot import SMOKE, UNITER, make_problem
+from harness import Timer, failure, median, open_run
+
+from uniter_fast.kernels import attention_triton as attn
+from uniter_fast.kernels import ot_triton as ot
+from uniter_fast.kernels.attention_triton import Launch
+
+ATTN_FORWARD = [Launch(64, 64), Launch(64, 64, 4, 2), Launch(64, 64, 4, 3), Launch(64, 64, 8, 2),
+                Launch(128, 64, 4, 2), Launch(128, 64, 8, 2), Launch(128, 64, 8, 3), Launch(128, 32, 4, 2),
+                Launch(64, 32, 4, 2), Launch(32, 32, 4, 2), Launch(128, 128, 8, 2), Launch(64, 128, 4, 2)]
+ATTN_BACKWARD = [Launch(64, 64), Launch(64, 64, 4, 1), Launch(64, 64, 4, 2), Launch(64, 64, 8, 1),
+                 Launch(64, 64, 8, 2), Launch(32, 32, 4, 1), Launch(32, 32, 4, 2), Launch(32, 32, 2, 2),
+                 Launch(128, 128, 8, 1), Launch(128, 128, 8, 2)]
+OT_COST = [{}, {"num_warps": 4}, {"num_warps": 16}, {"PROBS": 2, "num_warps": 8}, {"PROBS": 2, "num_warps": 16},
+           {"num_stages": 1}]
+OT_VECTORS = [{}, {"num_warps": 4}, {"num_warps": 16}, {"BLOCK_D": 32}, {"BLOCK_D": 32, "num_warps": 16},
+              {"PROBS": 2, "num_warps": 16}, {"num_stages": 1}, {"num_stages": 3}]
+OT_BACKWARD = OT_VECTORS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", nargs="+", default=["attention", "ot"], choices=["attention", "ot"])
+    p.add_argument("--ot-sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, two launches each, under the interpreter")
+    args = p.parse_args(argv)
+    args.csv = None
+    if args.cpu_smoke:
+        args.ot_sizes, args.reps = [3], 5
+    return args
+
+
+def sweep(title: str, timer: Timer, launches: list, call: Callable[[object], torch.Tensor | tuple]) -> None:
+    """Times call(launch) for each launch; the first launch is the rule's (None passed), the others override it."""
+    print(f"\n== {title}")
+    print(f"{'launch':<58}{'median_us':>11}{'vs rule':>9}{'max diff':>10}")
+    base_out, base_us = None, None
+    for i, launch in enumerate(launches):
+        label = "rule" if i == 0 else str(launch)
+        try:
+            out = call(None if i == 0 else launch)
+            outs = out if isinstance(out, tuple) else (out,)
+            if base_out is None:
+                base_out, diff = outs, ""
+            else:
+                diff = f"{max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, base_out)):.1e}"
+            us = median(timer(lambda: call(None if i == 0 else launch)))
+            base_us = base_us or us
+            print(f"{label:<58}{us:>11.1f}{base_us / us:>8.2f}x{diff:>10}")
+        except Exception as err:  # a launch the kernel cannot take (registers, shared memory) is reported
+            print(f"{label:<58}{'-':>11}{'':>9}{'':>10}  {failure(err)}")
+        sys.stdout.flush()
+
+
+def tune_attention(args, timer: Timer, device) -> None:
+    B, dtype = (3, torch.float32) if args.cpu_smoke else (128, torch.bfloat16)
+    batch = make_batch("uniter", B, 12, 64, dtype, device, seed=0)
+    q, k, v = batch.packed
+    cu, N, scale = batch.cu_seqlens, batch.max_len, 64 ** -0.5
+    forwards = ATTN_FORWARD[:2] if args.cpu_smoke else ATTN_FORWARD
+    backwards = ATTN_BACKWARD[:2] if args.cpu_smoke else ATTN_BACKWARD
+    sweep(f"attention forward  B={B} 12x64 N={N} {dtype}  rule {attn.forward_launch(N, 64)}", timer, forwards,
+          lambda launch: attn.forward(q, k, v, cu, N, scale, 0.0, 0, launch)[0])
+    out, lse = attn.forward(q, k, v, cu, N, scale, 0.0, 0)
+    sweep(f"attention backward  rule {attn.backward_launch(N, 64)}", timer, backwards,
+          lambda launch: attn.backward(batch.grad_packed, q, k, v, out, lse, cu, N, scale, 0.0, 0, launch))
+
+
+def tune_ot(args, timer: Timer, device) -> None:
+    shape = SMOKE if args.cpu_smoke else UNITER
+    solve = ot.Solve("ipot", scale=2.0, iterations=50)  # beta 0.5, as the original
+    costs = OT_COST[:2] if args.cpu_smoke else OT_COST
+    for B in args.ot_sizes:
+        prob = make_problem("fwd_cost", shape, B, torch.float32, 0, device)
+        rule = ot._config(B, shape.M, shape.N, None)
+        sweep(f"ot ipot from a cost  B={B} fp32  rule {rule}", timer, costs,
+              lambda tune: ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
+    B = args.ot_sizes[-1] if args.cpu_smoke else 1024
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
+    text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
+    vectors = OT_VECTORS[:2] if args.cpu_smoke else OT_VECTORS
+    rule = ot._config(B, shape.M, shape.N, shape.D)
+    sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
+          lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
+    _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True)
+    sweep(f"ot cosine backward  B={B} D={shape.D} {dtype}", timer, OT_BACKWARD[:2] if args.cpu_smoke else OT_BACKWARD,
+          lambda tune: ot.cosine_backward(text, regions, prob.text_lens, prob.region_lens, plan, prob.signs,
+                                          tune=tune))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    opened = open_run("tune_kernels", args)
+    if opened is None:
+        return 2
+    device, timer, _ = opened
+    print(f"parts {args.parts}")
+    start = time.perf_counter()
+    with torch.no_grad():
+        if "attention" in args.parts:
+            tune_attention(args, timer, device)
+        if "ot" in args.parts:
+            tune_ot(args, timer, device)
+    print(f"\ntune_kernels: done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
