@@ -10,7 +10,8 @@ Algorithms (reference/ot.md):
   though rounding t C / beta in fp32 costs about 1e-4 relative on the plan at t = 50 (the linear form 1e-7);
 - "sinkhorn_log": log-domain Sinkhorn on exp(-C / eps), column potential first, as the reference.
 The cost comes as a (B, M, N) tensor or is fused: C = 1 - cos(text_i, region_j) from the vectors, normalised
-as F.normalize(eps=1e-5), padded (B, L, D) or packed (total, D) rows with per-problem starts.
+as F.normalize(eps=1e-5), padded (B, L, D) or packed (total, D) rows with per-problem starts; then each program
+owns one problem (PROBS = 1) and its cosine is one 2-D matrix product of row-major tiles.
 The backward kernel takes the plan as a constant (envelope) and returns the gradient of the vectors.
 Nothing here validates arguments or synchronises with the host: kernels/ot.py does the former.
 """
@@ -29,6 +30,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
 TILE_TARGET = 4096  # elements per program: small problems are packed together up to this
 MAX_PROBS = 16
+VECTOR_BLOCK_D = 16  # dims per step of the cosine's matrix product
 
 _NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
 _PAD_COST = tl.constexpr(1e20)  # scaled cost on pads in the log domain: exp(-t * 1e20) = 0, never inf - inf
@@ -106,43 +108,45 @@ def _column_error(plan, nf, colv):
 
 
 @triton.jit
-def _row_base(starts_ptr, pb, inb, s_b, s_r, PACKED: tl.constexpr):
-    """Element offset of each problem's first row: starts[b] rows into packed data, or batch entry b."""
+def _problem_base(starts_ptr, b, s_b, s_r, PACKED: tl.constexpr):
+    """Element offset of problem b's first row (a scalar): starts[b] rows into packed data, or batch entry b."""
     if PACKED:
-        base = tl.load(starts_ptr + pb, mask=inb, other=0).to(tl.int64) * s_r
+        base = tl.load(starts_ptr + b).to(tl.int64) * s_r
     else:
-        base = pb.to(tl.int64) * s_b
+        base = b.to(tl.int64) * s_b
     return base
 
 
 @triton.jit
-def _load_rows(ptr, base, idx, valid, s_r, d, D, s_d):
-    """Vector entries (row idx, dim d) of the valid rows, 0 elsewhere; idx and d come shaped as the tile wants."""
-    return tl.load(ptr + base + idx * s_r + d * s_d, mask=valid & (d < D), other=0.0)
+def _vector_tile(ptr, base, s_r, s_d, idx, length, d, D):
+    """Rows idx (R, 1) x dims d (1, BD) of one problem's vectors, 0 beyond its length and D: a coalesced load."""
+    return tl.load(ptr + base + idx * s_r + d * s_d, mask=(idx < length) & (d < D), other=0.0)
 
 
 @triton.jit
-def _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, rows, cols, rowv, colv, D,
-            BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """cos(x_i, y_j) (PROBS, BM, BN) with 1/max(|x_i|, eps) (PROBS, BM, 1) and 1/max(|y_j|, eps) (PROBS, 1, BN)."""
-    d_last = tl.arange(0, BLOCK_D)[None, None, :]
-    d_mid = tl.arange(0, BLOCK_D)[None, :, None]
-    dots = tl.where(rowv & colv, 0.0, 0.0)
-    sq_x = tl.where(rowv, 0.0, 0.0)
-    sq_y = tl.where(colv, 0.0, 0.0)
+def _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, m, n, D,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One problem's cos(x_i, y_j) (BM, BN), 1/max(|x_i|, eps) (BM, 1) and 1/max(|y_j|, eps) (1, BN): one matrix
+    product over D in BLOCK_D steps (tensor cores for 16-bit inputs), both sides read row-major."""
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[:, None]  # y's rows: the product takes y transposed
+    d = tl.arange(0, BLOCK_D)[None, :]
+    dots = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    sq_x = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # squares summed over dims once, after the loop
+    sq_y = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        x = _load_rows(x_ptr, xb, rows, rowv, s_xr, d0 + d_last, D, s_xd)  # (PROBS, BM, BD)
-        y = _load_rows(y_ptr, yb, cols, colv, s_yr, d0 + d_mid, D, s_yd)  # (PROBS, BD, BN): transposed for the dot
+        x = _vector_tile(x_ptr, xb, s_xr, s_xd, rows, m, d0 + d, D)  # (BM, BD)
+        y = _vector_tile(y_ptr, yb, s_yr, s_yd, cols, n, d0 + d, D)  # (BN, BD)
         if DOT_PRECISION == "ieee":  # exact fp32 products, fp16 inputs included
             x = x.to(tl.float32)
             y = y.to(tl.float32)
-        dots = tl.dot(x, y, dots, input_precision=DOT_PRECISION)  # raw products, normalised once at the end
+        dots = tl.dot(x, tl.trans(y), dots, input_precision=DOT_PRECISION)  # raw products, normalised at the end
         x = x.to(tl.float32)
         y = y.to(tl.float32)
-        sq_x += tl.expand_dims(tl.sum(x * x, axis=2), 2)
-        sq_y += tl.expand_dims(tl.sum(y * y, axis=1), 1)
-    inv_x = 1.0 / tl.maximum(tl.sqrt(sq_x), _NORM_EPS)
-    inv_y = 1.0 / tl.maximum(tl.sqrt(sq_y), _NORM_EPS)
+        sq_x += x * x
+        sq_y += y * y
+    inv_x = (1.0 / tl.maximum(tl.sqrt(tl.sum(sq_x, axis=1)), _NORM_EPS))[:, None]
+    inv_y = (1.0 / tl.maximum(tl.sqrt(tl.sum(sq_y, axis=1)), _NORM_EPS))[None, :]
     return dots * inv_x * inv_y, inv_x, inv_y
 
 
@@ -252,12 +256,12 @@ def _transport_kernel(
     pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
                                                                 PROBS, BLOCK_M, BLOCK_N)
     valid = rowv & colv
-    if FROM_VECTORS:
-        xb = _row_base(x_starts_ptr, pb, inb, s_xb, s_xr, PACKED)
-        yb = _row_base(y_starts_ptr, pb, inb, s_yb, s_yr, PACKED)
-        cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, rows, cols, rowv, colv, D,
-                                    BLOCK_D, DOT_PRECISION)
-        cost = tl.where(valid, 1.0 - cos, 0.0)
+    if FROM_VECTORS:  # PROBS == 1 (the launcher's rule): problem pid, its cosine as one 2-D product
+        xb = _problem_base(x_starts_ptr, pid, s_xb, s_xr, PACKED)
+        yb = _problem_base(y_starts_ptr, pid, s_yb, s_yr, PACKED)
+        cos, _, _ = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, tl.max(m), tl.max(n), D,
+                            BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        cost = tl.where(valid, 1.0 - cos[None, :, :], 0.0)
     else:
         cost_ptrs = cost_ptr + pb.to(tl.int64) * s_cb + rows * s_cm + cols * s_cn
         cost = tl.load(cost_ptrs, mask=valid, other=0.0).to(tl.float32)
@@ -288,41 +292,42 @@ def _cosine_grad_kernel(
     PACKED: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """d dist_b / d x and d y with the plan T constant: dist = sum T (1 - x^ . y^), through F.normalize."""
-    pid = tl.program_id(0)
-    pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
-                                                                PROBS, BLOCK_M, BLOCK_N)
-    valid = rowv & colv
-    xb = _row_base(x_starts_ptr, pb, inb, s_xb, s_xr, PACKED)
-    yb = _row_base(y_starts_ptr, pb, inb, s_yb, s_yr, PACKED)
-    gxb = _row_base(x_starts_ptr, pb, inb, s_gxb, s_gxr, PACKED)
-    gyb = _row_base(y_starts_ptr, pb, inb, s_gyb, s_gyr, PACKED)
-    cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, rows, cols, rowv, colv, D,
-                                BLOCK_D, DOT_PRECISION)
-    plan = tl.load(plan_ptr + pb.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn, mask=valid, other=0.0)
-    w = plan.to(tl.float32) * tl.load(grad_ptr + pb, mask=inb, other=0.0)  # d loss / d C
+    """d dist_b / d x and d y with the plan T constant: dist = sum T (1 - x^ . y^), through F.normalize.
+    One problem per program (PROBS == 1): every tile is 2-D and every load and store row-major."""
+    b = tl.program_id(0)
+    m = tl.load(text_lens_ptr + b).to(tl.int32)
+    n = tl.load(region_lens_ptr + b).to(tl.int32)
+    live = (m > 0) & (n > 0)  # an empty side moves no mass: the gradient is 0
+    m = tl.where(live, m, 0)
+    n = tl.where(live, n, 0)
+    xb = _problem_base(x_starts_ptr, b, s_xb, s_xr, PACKED)
+    yb = _problem_base(y_starts_ptr, b, s_yb, s_yr, PACKED)
+    gxb = _problem_base(x_starts_ptr, b, s_gxb, s_gxr, PACKED)
+    gyb = _problem_base(y_starts_ptr, b, s_gyb, s_gyr, PACKED)
+    cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, m, n, D,
+                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    valid = (rows < m) & (cols < n)
+    plan = tl.load(plan_ptr + b.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn, mask=valid, other=0.0)
+    w = plan.to(tl.float32) * tl.load(grad_ptr + b)  # d loss / d C, (BM, BN)
     wc = w * cos
     # F.normalize's Jacobian is (I - x^ x^T) / |x| above eps and I / eps below; r, c are the projections
-    r = tl.where(inv_x < 1.0 / _NORM_EPS, tl.expand_dims(tl.sum(wc, axis=2), 2), 0.0)  # (PROBS, BM, 1)
-    c = tl.where(inv_y < 1.0 / _NORM_EPS, tl.expand_dims(tl.sum(wc, axis=1), 1), 0.0)  # (PROBS, 1, BN)
-    # both sides' vectors come in both layouts, so each gradient is one dot with w as it is (no transposed copy)
-    cols_r = tl.arange(0, BLOCK_N)[None, :, None]
-    rows_t = tl.arange(0, BLOCK_M)[None, None, :]
-    inv_x_t = tl.reshape(inv_x, (PROBS, 1, BLOCK_M))
-    inv_y_r = tl.reshape(inv_y, (PROBS, BLOCK_N, 1))
-    d_last = tl.arange(0, BLOCK_D)[None, None, :]
-    d_mid = tl.arange(0, BLOCK_D)[None, :, None]
+    r = tl.where(inv_x < 1.0 / _NORM_EPS, tl.sum(wc, axis=1)[:, None], 0.0)  # (BM, 1)
+    inv_y_col = tl.reshape(inv_y, (BLOCK_N, 1))
+    c = tl.where(inv_y_col < 1.0 / _NORM_EPS, tl.sum(wc, axis=0)[:, None], 0.0)  # (BN, 1)
+    w_t = tl.trans(w)
+    y_rows = tl.arange(0, BLOCK_N)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
     for d0 in range(0, D, BLOCK_D):
-        x = _load_rows(x_ptr, xb, rows, rowv, s_xr, d0 + d_last, D, s_xd).to(tl.float32) * inv_x  # (P, BM, BD)
-        y = _load_rows(y_ptr, yb, cols_r, cols_r < n, s_yr, d0 + d_last, D, s_yd).to(tl.float32) * inv_y_r
-        x_t = _load_rows(x_ptr, xb, rows_t, rows_t < m, s_xr, d0 + d_mid, D, s_xd).to(tl.float32) * inv_x_t
-        y_t = _load_rows(y_ptr, yb, cols, colv, s_yr, d0 + d_mid, D, s_yd).to(tl.float32) * inv_y  # (P, BD, BN)
-        gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x  # (P, BM, BD)
-        gy_t = (c * y_t - tl.dot(x_t, w, input_precision=DOT_PRECISION)) * inv_y  # (P, BD, BN)
-        tl.store(gx_ptr + gxb + rows * s_gxr + (d0 + d_last) * s_gxd, gx.to(gx_ptr.dtype.element_ty),
-                 mask=rowv & (d0 + d_last < D))
-        tl.store(gy_ptr + gyb + cols * s_gyr + (d0 + d_mid) * s_gyd, gy_t.to(gy_ptr.dtype.element_ty),
-                 mask=colv & (d0 + d_mid < D))
+        x = _vector_tile(x_ptr, xb, s_xr, s_xd, rows, m, d0 + d, D).to(tl.float32) * inv_x  # x^ (BM, BD)
+        y = _vector_tile(y_ptr, yb, s_yr, s_yd, y_rows, n, d0 + d, D).to(tl.float32) * inv_y_col  # y^ (BN, BD)
+        gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x
+        gy = (c * y - tl.dot(w_t, x, input_precision=DOT_PRECISION)) * inv_y_col
+        tl.store(gx_ptr + gxb + rows * s_gxr + (d0 + d) * s_gxd, gx.to(gx_ptr.dtype.element_ty),
+                 mask=(rows < m) & (d0 + d < D))
+        tl.store(gy_ptr + gyb + y_rows * s_gyr + (d0 + d) * s_gyd, gy.to(gy_ptr.dtype.element_ty),
+                 mask=(y_rows < n) & (d0 + d < D))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,18 +347,20 @@ def unsupported(tensors: tuple[torch.Tensor, ...], max_m: int, max_n: int) -> st
 
 
 def _config(batch: int, max_m: int, max_n: int, dim: int | None) -> dict:
-    """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it),
-    as many problems per program as fit TILE_TARGET elements (at most 4 with the cosine's 3-D dots, which
-    spill beyond that on sm_90), 16 dims per step (wider spills the backward)."""
+    """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it).
+    From a cost: as many problems per program as fit TILE_TARGET elements, about 64 tile elements per thread
+    (on an H200, 2026-11-26, benchmarks/tune_kernels.py: 4 warps ran the 64 x 128 tile 1.2-1.4x faster than 8).
+    From vectors: one problem per program, its cosine one 2-D matrix product over VECTOR_BLOCK_D dims per step,
+    8 warps from the 64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
     floor = 1 if dim is None else 16
     block_m = max(triton.next_power_of_2(max(max_m, 1)), floor)
     block_n = max(triton.next_power_of_2(max(max_n, 1)), floor)
-    most = MAX_PROBS if dim is None else 4
-    probs = max(1, min(TILE_TARGET // (block_m * block_n), most, triton.next_power_of_2(max(batch, 1))))
+    if dim is not None:
+        warps = 8 if block_m * block_n >= 8192 else 4
+        return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=VECTOR_BLOCK_D, num_warps=warps)
+    probs = max(1, min(TILE_TARGET // (block_m * block_n), MAX_PROBS, triton.next_power_of_2(max(batch, 1))))
     elements = probs * block_m * block_n
-    # about 16 tile elements per thread (32 for the UNITER-sized 64 x 128 tile): the register budget on sm_90
-    # (cuobjdump: few or no spills); fewer warps spill, more leave threads idle
-    warps = 16 if elements > 8192 else min(max(elements // 512, 1 if dim is None else 4), 8)
+    warps = 16 if elements > 8192 else min(max(elements // 2048, 1), 8)
     return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, num_warps=warps)
 
 
