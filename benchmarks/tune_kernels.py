@@ -101,7 +101,7 @@ def tune_ot(args, timer: Timer, device) -> None:
     costs = OT_COST[:2] if args.cpu_smoke else OT_COST
     for B in args.ot_sizes:
         prob = make_problem("fwd_cost", shape, B, torch.float32, 0, device)
-        rule = ot._config(B, shape.M, shape.N, None)
+        rule = ot._config(B, shape.M, shape.N, None, 4, device)
         sweep(f"ot ipot from a cost  B={B} fp32  rule {rule}", timer, costs,
               lambda tune: ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
     B = args.ot_sizes[-1] if args.cpu_smoke else 1024
@@ -109,7 +109,7 @@ def tune_ot(args, timer: Timer, device) -> None:
     prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
     text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
     vectors = OT_VECTORS[:2] if args.cpu_smoke else OT_VECTORS
-    rule = ot._config(B, shape.M, shape.N, shape.D)
+    rule = ot._config(B, shape.M, shape.N, shape.D, prob.text.element_size(), device)
     sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
           lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
     _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True)

@@ -17,6 +17,7 @@ Nothing here validates arguments or synchronises with the host: kernels/ot.py do
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
 TILE_TARGET = 4096  # elements per program: small problems are packed together up to this
 MAX_PROBS = 16
-VECTOR_BLOCK_D = 16  # dims per step of the cosine's matrix product
 
 _NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
 _PAD_COST = tl.constexpr(1e20)  # scaled cost on pads in the log domain: exp(-t * 1e20) = 0, never inf - inf
@@ -346,22 +346,41 @@ def unsupported(tensors: tuple[torch.Tensor, ...], max_m: int, max_n: int) -> st
     return None
 
 
-def _config(batch: int, max_m: int, max_n: int, dim: int | None) -> dict:
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int = 4,
+            device: torch.device = torch.device("cpu")) -> dict:
     """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it).
-    From a cost: as many problems per program as fit TILE_TARGET elements, about 64 tile elements per thread
-    (on an H200, 2026-11-26, benchmarks/tune_kernels.py: 4 warps ran the 64 x 128 tile 1.2-1.4x faster than 8).
-    From vectors: one problem per program, its cosine one 2-D matrix product over VECTOR_BLOCK_D dims per step,
-    8 warps from the 64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
+    The warp counts were chosen on an H200 (benchmarks/tune_kernels.py, 2026-11-26, 64 x 128 tiles; RESULTS.md):
+    - from a cost: as many problems per program as fit TILE_TARGET elements, 64 tile elements per thread (4 warps
+      for 64 x 128: 1.2x faster than 8 at B=256), 128 once the batch fills every SM four times over (2 warps:
+      1.4x faster than 4 at B=1024 and 4096, where more resident programs hide the solver's latency);
+    - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
+      per step (1.2x forward, 1.7x backward against 8 warps and 16 dims), fp32 inputs 8 warps and 16 dims from the
+      64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
     floor = 1 if dim is None else 16
     block_m = max(triton.next_power_of_2(max(max_m, 1)), floor)
     block_n = max(triton.next_power_of_2(max(max_n, 1)), floor)
     if dim is not None:
-        warps = 8 if block_m * block_n >= 8192 else 4
-        return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=VECTOR_BLOCK_D, num_warps=warps)
+        wide = elem_bytes == 4 and block_m * block_n >= 8192
+        return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16 if wide else 32,
+                    num_warps=8 if wide else 4)
     probs = max(1, min(TILE_TARGET // (block_m * block_n), MAX_PROBS, triton.next_power_of_2(max(batch, 1))))
     elements = probs * block_m * block_n
-    warps = 16 if elements > 8192 else min(max(elements // 2048, 1), 8)
-    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, num_warps=warps)
+    per_thread = 128 if batch >= 4 * _sm_count(device) else 64
+    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16,
+                num_warps=min(max(elements // (32 * per_thread), 1), 16))
+
+
+def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
+    """The rule's launch with tune's entries over it; the kernels index one problem per program from vectors."""
+    config = {**rule, **(tune or {})}
+    if dim is not None and config["PROBS"] != 1:
+        raise ValueError(f"tune={tune}: from vectors each program solves one problem (PROBS=1)")
+    return config
 
 
 def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
@@ -392,7 +411,8 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
     if batch == 0:
         return dist, plan, counts
     dim = None if cost is not None else text.data.shape[-1]
-    config = {**_config(batch, max_m, max_n, dim), **(tune or {})}
+    data = cost if cost is not None else text.data
+    config = _tuned(_config(batch, max_m, max_n, dim, data.element_size(), data.device), tune, dim)
     if cost is not None:
         cost_args, x_args, y_args = (cost, *cost.stride()), (cost, text_lens, 0, 0, 0), (cost, text_lens, 0, 0, 0)
     else:
@@ -435,7 +455,8 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
     if batch == 0:
         return grad_text, grad_regions
-    config = {**_config(batch, plan.shape[1], plan.shape[2], dim), **(tune or {})}
+    config = _tuned(_config(batch, plan.shape[1], plan.shape[2], dim, text.data.element_size(), text.data.device),
+                    tune, dim)
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
     _cosine_grad_kernel[(triton.cdiv(batch, config["PROBS"]),)](

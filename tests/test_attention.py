@@ -67,6 +67,22 @@ def test_strided_inputs_and_a_longer_max_seqlen():
         torch.testing.assert_close(g.double(), e, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("launch", [(64, 32, 4, 2), (32, 32, 2, 1), (128, 128, 8, None)])
+def test_every_launch_gives_the_same_result(launch):
+    """benchmarks/tune_kernels.py sweeps tiles, warps and stages: each must compute what the rule's launch does."""
+    from uniter_fast.kernels import attention_triton as kernels
+
+    q, k, v, cu = packed(LENS, dtype=torch.float32)
+    grad, n, scale = torch.randn_like(q), max(LENS), 16 ** -0.5
+    out, lse = kernels.forward(q, k, v, cu, n, scale, 0.0, 0)
+    grads = kernels.backward(grad, q, k, v, out, lse, cu, n, scale, 0.0, 0)
+    m, n_, warps, stages = launch
+    out2, lse2 = kernels.forward(q, k, v, cu, n, scale, 0.0, 0, kernels.Launch(m, n_, warps, stages))
+    grads2 = kernels.backward(grad, q, k, v, out2, lse2, cu, n, scale, 0.0, 0, kernels.Launch(m, m, warps, stages))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (out2, lse2, *grads2)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda msg: f"{name}: {msg}")
+
+
 def test_double_backward_is_refused_clearly():
     q, k, v, cu = packed([6, 3], dtype=torch.float32)
     q.requires_grad_()

@@ -186,6 +186,28 @@ def test_fused_cosine_and_envelope_gradient(gen: torch.Generator, method: str) -
     assert bool((grads[0][0, 13:] == 0).all()) and bool((grads[1][4] == 0).all())  # pads and empty problems
 
 
+def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
+    """benchmarks/tune_kernels.py overrides the launch rule: other problem packings give the same answers, and a
+    packing the vector kernels cannot take is refused."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    cost, text_lens, region_lens = cost_batch(SIZES_B, gen=gen)
+    cost = cost.float()
+    solve = kernels.Solve("ipot", scale=2.0, iterations=10)
+    dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True)
+    for tune in ({"PROBS": 1}, {"PROBS": 4, "num_warps": 2}):
+        dist2, plan2, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True, tune=tune)
+        torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(plan2, plan, rtol=1e-6, atol=1e-9)
+    text, regions, text_lens, region_lens = vectors(SIZES_B, gen=gen, dim=20, dtype=torch.float32)
+    rows = kernels.Rows(text), kernels.Rows(regions)
+    dist, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve)
+    dist2, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"BLOCK_D": 16})
+    torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="PROBS=1"):
+        kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"PROBS": 2})
+
+
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
     text, regions, text_lens, region_lens = vectors([(3, 2), (2, 3), (1, 2)], gen=gen, dim=4)
     text.requires_grad_()
