@@ -20,6 +20,7 @@ implementation names its backend. Useful TFLOP/s count real tokens only: 4 * sum
 
     python benchmarks/bench_attention.py                 # the default run (about a minute on an H100)
     python benchmarks/bench_attention.py --quick
+    python benchmarks/bench_attention.py --quick --graph --batches uniter   # GPU time alone, host time removed
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --cpu-smoke   # code paths on the CPU, tiny sizes
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from harness import add_csv_options, results_path, Skip, Timer, failure, median, open_run, quantile, ratio, speedup_vs
+from harness import (Skip, Timer, add_csv_options, cuda_graph, failure, median, open_run, quantile, ratio,
+                     results_path, speedup_vs)
 
 from uniter_fast.kernels import attention, attention_xformers, reference
 
@@ -210,6 +212,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph", action="store_true",
+                   help="time every implementation replayed from a CUDA graph: GPU time without the host's (a call "
+                        "that cannot be captured says why in its row)")
     p.add_argument("--quick", action="store_true", help="base only, uniter and L=160 batches")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     add_csv_options(p)
@@ -219,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.batches = ["base"], ["uniter", "L=160"]
     if args.cpu_smoke:
         args.models, args.batches, args.batch_size, args.dtype, args.reps = ["base"], ["uniter", "L=32"], 3, "fp32", 5
+    if args.graph and args.cpu_smoke:
+        p.error("--graph needs a GPU (CUDA graphs)")
     return args
 
 
@@ -237,7 +244,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
             with torch.enable_grad() if backward else torch.no_grad():
                 out = output()
                 err = f"{(out.float() - batch.expected).abs().max().item():.1e}"
-                times = timer(run)
+                times = timer(cuda_graph(run) if args.graph else run)
             note = flex.note if impl == "flex" else ""
         except Skip as why:
             note = f"skipped: {why}"
@@ -246,7 +253,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
         rows.append((impl, times, err, note))
     flop = batch.useful_flop(backward)
     pad = 1 - sum(batch.lens) / (len(batch.lens) * batch.max_len)
-    print(f"\n== {pass_}  {model} ({batch.heads} heads x {args.head_dim})  B={len(batch.lens)}  {name}  "
+    mode = " (CUDA graph replay)" if args.graph else ""
+    print(f"\n== {pass_}{mode}  {model} ({batch.heads} heads x {args.head_dim})  B={len(batch.lens)}  {name}  "
           f"N={batch.max_len} ({pad:.0%} padding)  {args.dtype}")
     print(f"{'impl':<14}{'median_us':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>9}{'err':>10}  speed-up of ours / note")
     ours_median = median(rows[0][1]) if rows[0][1] else None
@@ -260,7 +268,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
               f"{err:>10}  {speedup} {note}".rstrip())
         if writer is not None:
             vs = speedup_vs([(r[0], r[1]) for r in rows[1:]], m) if impl == "ours_triton" else ""
-            writer.write(dict(case=f"{pass_} {model} {name}", impl=impl, B=len(batch.lens), dtype=args.dtype,
+            writer.write(dict(case=f"{pass_}{' graph' if args.graph else ''} {model} {name}", impl=impl,
+                              B=len(batch.lens), dtype=args.dtype,
                               median_us=f"{m:.2f}", speedup_vs=vs,
                               notes=f"heads={batch.heads} d={args.head_dim} N={batch.max_len} tokens={sum(batch.lens)} "
                                     f"p20={quantile(times, 2):.1f} p80={quantile(times, 8):.1f} reps={len(times)} "

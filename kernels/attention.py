@@ -45,11 +45,19 @@ class _VarlenAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _kernels().backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: these gradients refuse a further backward when it comes
+            return _grads_once_differentiable(ctx, grad_out)
+        return _grads(ctx, grad_out)  # the usual call skips once_differentiable's wrapping (host time)
+
+
+def _grads(ctx, grad_out):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _kernels().backward(grad_out, q, k, v, out, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_grads_once_differentiable = torch.autograd.function.once_differentiable(_grads)
 
 
 def _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale) -> None:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreting
+from .backend import cdiv, interpreting, next_pow2
 
 MAX_HEAD_DIM = 128  # padded to a power of two >= 16 (tl.dot's smallest); beyond 128 the tiles spill
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -213,7 +213,7 @@ class Launch:
 
 def _block(max_seqlen: int) -> int:
     """Tile side: the longest sample rounded up to a power of two, 16 to 64 (UNITER's rows are <= 160)."""
-    return min(64, max(16, triton.next_power_of_2(max(max_seqlen, 1))))
+    return min(64, max(16, next_pow2(max(max_seqlen, 1))))
 
 
 def forward_launch(max_seqlen: int, head_dim: int) -> Launch:
@@ -229,7 +229,7 @@ def backward_launch(max_seqlen: int, head_dim: int) -> Launch:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_pow2(head_dim))
 
 
 def _flags(dtype: torch.dtype, dropout_p: float) -> dict:
@@ -253,7 +253,7 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_
     out = torch.empty_like(q)
     lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
     launch = launch or forward_launch(max_seqlen, head_dim)
-    grid = (triton.cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
+    grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     if batch == 0 or total == 0:
         return out, lse
     _fwd_kernel[grid](
@@ -277,12 +277,12 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     if batch == 0 or total == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # rowsum(O dO) = rowsum(P dP)
-    _delta_kernel[(triton.cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
+    _delta_kernel[(cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
                                                    grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
                                                    BLOCK_D=_block_d(head_dim))
     launch = launch or backward_launch(max_seqlen, head_dim)
     assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
-    grid = (triton.cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
+    grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     _bwd_kernel[grid](
         q, k, v, grad_out, dq, dk, dv, lse, delta, cu_seqlens, q.stride(0), k.stride(0), v.stride(0),
         grad_out.stride(0), lse.stride(0), q.stride(1), k.stride(1), v.stride(1), grad_out.stride(1), heads,
@@ -299,6 +299,6 @@ def dropout_keep_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dro
     out = torch.zeros(batch, heads, max_seqlen, max_seqlen, dtype=torch.int8, device=cu_seqlens.device)
     if batch and max_seqlen:
         block = _block(max_seqlen)
-        _keep_mask_kernel[(triton.cdiv(max_seqlen, block), batch, heads)](
+        _keep_mask_kernel[(cdiv(max_seqlen, block), batch, heads)](
             out, cu_seqlens, heads, max_seqlen, dropout_p, seed, BLOCK=block)
     return out.bool()

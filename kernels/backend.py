@@ -37,6 +37,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# host-side launch arithmetic on plain ints (triton's cdiv and next_power_of_2 are constexpr functions, several
+# microseconds a call on the launch path)
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def explain(op: str, backend: str | None, device: torch.device, triton_reason: str | None) -> tuple[str, str]:
     """(chosen backend, why) for one call of `op` on `device`.
 
