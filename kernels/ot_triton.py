@@ -157,7 +157,11 @@ def _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, m, n, D,
 
 @triton.jit
 def _ipot_linear(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol, USE_TOL: tl.constexpr):
-    """UNITER's IPOT on A = exp(-scaled): returns the plan and how many iterations each problem ran."""
+    """UNITER's IPOT on A = exp(-scaled): returns the plan and how many iterations each problem ran.
+
+    Pad rows and columns divide by 1 instead of their sums (0): their scalings stay finite with one select where
+    `_recip` takes two, and their Q entries are 0, so the plan stays exactly 0 there. On sm_90 (cuobjdump) an
+    iteration of the 64 x 128 tile is then 13-19% fewer instructions at 2, 4 and 8 warps, with fewer spills."""
     kernel = tl.where(valid, tl.exp(-scaled), 0.0)
     plan = tl.where(valid, 1.0, 0.0)
     sigma = _recip(mf, rowv)
@@ -170,8 +174,8 @@ def _ipot_linear(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol, US
         q = kernel * plan
         s = sigma
         for _ in range(k):  # inner steps reuse the same Q (the original's k > 1 crashes on a shape bug)
-            delta = _recip(nf * tl.expand_dims(tl.sum(q * s, axis=1), 1), colv)
-            s = _recip(mf * tl.expand_dims(tl.sum(q * delta, axis=2), 2), rowv)
+            delta = 1.0 / tl.where(colv, nf * tl.expand_dims(tl.sum(q * s, axis=1), 1), 1.0)
+            s = 1.0 / tl.where(rowv, mf * tl.expand_dims(tl.sum(q * delta, axis=2), 2), 1.0)
         if USE_TOL:  # converged problems keep their state
             plan = tl.where(active, s * q * delta, plan)
             sigma = tl.where(active, s, sigma)
