@@ -14,7 +14,7 @@ python -m uniter_fast.cli env 2>&1 | tee -a "$out/env.log"
 # compiling the kernels' variants is most of their time (9 tests in 80 s on one core): 8 workers share it
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 timeout 100 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
-pkill -9 -f "pytest" 2>/dev/null || true  # workers left by a timeout would share the GPU with the benchmarks
+pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true  # workers a timeout leaves would share the GPU with the benchmarks
 # seconds and arguments per benchmark: the sum stays inside the 6 minutes
 # (bench_loader is a CPU benchmark, with goals for a 2-core machine: it runs there, not here)
 # (bench_ot's torch.compile peer takes about 50 s to compile on an H200: run bench_ot alone for it)
