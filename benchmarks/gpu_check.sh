@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the gpu-marked tests, every benchmark script, and a short bf16 pre-training run through
 # DeepSpeed, in under 6 minutes (each step has its own time limit); logs go to $OUT (or ./gpu_check_logs).
+# --tune: then the launch sweeps of benchmarks/tune_kernels.py too (about a minute more).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_logs}"
@@ -31,3 +32,6 @@ timeout 30 python benchmarks/bench_attention.py --quick --graph --batches uniter
 cp benchmarks/results.csv "$out/" 2>/dev/null || true
 timeout 45 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 --no-progress \
     --output-dir /tmp/gpu_check_pretrain 2>&1 | tail -40 | tee "$out/pretrain.log"
+if [ "${1:-}" = "--tune" ]; then
+    timeout 70 python benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
+fi
