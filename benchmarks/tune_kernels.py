@@ -10,7 +10,7 @@ Each row prints the median, the ratio to the rule's own launch ("rule") and the 
 result from the rule's (a launch that breaks the kernel shows there). Nothing is written to results.csv: the
 chosen rule is measured by bench_attention.py and bench_ot.py.
 
-    python benchmarks/tune_kernels.py                    # about two minutes on an H100, compiles included
+    python benchmarks/tune_kernels.py                    # 30-80 s on an H200, compiles included
     TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --cpu-smoke
 """
 from __future__ import annotations
