@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from harness import (Skip, Timer, add_csv_options, cuda_graph, failure, median, open_run, quantile, ratio,
-                     results_path, speedup_vs)
+from harness import (Skip, Timer, add_csv_options, against_ours, cuda_graph, failure, open_run, quantile,
+                     results_path)
 
 from uniter_fast.kernels import attention, attention_xformers, reference
 
@@ -257,17 +257,13 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
     print(f"\n== {pass_}{mode}  {model} ({batch.heads} heads x {args.head_dim})  B={len(batch.lens)}  {name}  "
           f"N={batch.max_len} ({pad:.0%} padding)  {args.dtype}")
     print(f"{'impl':<14}{'median_us':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>9}{'err':>10}  speed-up of ours / note")
-    ours_median = median(rows[0][1]) if rows[0][1] else None
-    for impl, times, err, note in rows:
-        if not times:
+    for (impl, times, err, note), m, speedup, vs in against_ours(rows):
+        if m is None:
             print(f"{impl:<14}{'-':>11}{'':>29}{err:>10}  {note}")
             continue
-        m = median(times)
-        speedup = ratio(m / ours_median) if ours_median and impl != "ours_triton" else ""
         print(f"{impl:<14}{m:>11.1f}{quantile(times, 2):>10.1f}{quantile(times, 8):>10.1f}{flop / m / 1e6:>9.1f}"
               f"{err:>10}  {speedup} {note}".rstrip())
         if writer is not None:
-            vs = speedup_vs([(r[0], r[1]) for r in rows[1:]], m) if impl == "ours_triton" else ""
             writer.write(dict(case=f"{pass_}{' graph' if args.graph else ''} {model} {name}", impl=impl,
                               B=len(batch.lens), dtype=args.dtype,
                               median_us=f"{m:.2f}", speedup_vs=vs,

@@ -32,7 +32,7 @@ import contextlib
 import time
 
 import torch
-from harness import add_csv_options, results_path, Skip, failure, median, open_run, quantile, ratio, speedup_vs
+from harness import Skip, add_csv_options, against_ours, failure, open_run, quantile, results_path
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -169,17 +169,13 @@ def main(argv=None) -> int:
               f"{tokens} real tokens, padded {len(case.lens)} x {case.N} ({1 - tokens / (len(case.lens) * case.N):.0%} "
               "padding)")
         print(f"{'impl':<13}{'median_ms':>11}{'p20':>9}{'p80':>9}{'tokens/s':>11}  ours_triton's speed-up / note")
-        ours = median(rows[0][1]) if rows[0][1] else None
-        for impl, times, note in rows:
-            if not times:
+        for (impl, times, note), m, speedup, vs in against_ours(rows):
+            if m is None:
                 print(f"{impl:<13}{'-':>11}{'':>29}  {note}")
                 continue
-            m = median(times)
-            speedup = ratio(m / ours) if ours and impl != "ours_triton" else ""
             print(f"{impl:<13}{m / 1e3:>11.2f}{quantile(times, 2) / 1e3:>9.2f}{quantile(times, 8) / 1e3:>9.2f}"
                   f"{tokens / m * 1e6:>11.0f}  {speedup} {note}".rstrip())
             if writer is not None:
-                vs = speedup_vs([(r[0], r[1]) for r in rows[1:]], m) if impl == "ours_triton" else ""
                 writer.write(dict(case=f"encoder_fwd_bwd {model}", impl=impl, B=len(case.lens),
                                   dtype="fp32" if args.cpu_smoke else "bf16-autocast", median_us=f"{m:.1f}",
                                   speedup_vs=vs, notes=f"tokens={tokens} N={case.N} tokens_per_s={tokens / m * 1e6:.0f} "

@@ -170,6 +170,19 @@ class CsvWriter:
         self.count += 1
 
 
+def against_ours(rows):
+    """rows: (impl, times or None, ...) with ours first. Yields (row, median or None when untimed, the speed-up of
+    ours over that row as printed ("" on ours' own), results.csv's speedup_vs ("" except on ours' row))."""
+    ours_median = median(rows[0][1]) if rows and rows[0][1] else None
+    for i, row in enumerate(rows):
+        if not row[1]:
+            yield row, None, "", ""
+            continue
+        m = median(row[1])
+        speedup = ratio(m / ours_median) if ours_median and i else ""
+        yield row, m, speedup, speedup_vs([(r[0], r[1]) for r in rows[1:]], m) if i == 0 else ""
+
+
 def speedup_vs(peers, ours_median_us: float) -> str:
     """results.csv's speedup_vs: peer=ratio of each timed peer's median to ours. peers: (name, times or None)."""
     return ";".join(f"{name}={median(times) / ours_median_us:.2f}" for name, times in peers if times)
