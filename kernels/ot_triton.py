@@ -1,8 +1,12 @@
 """Triton kernels for batched optimal transport (UNITER's word-region alignment) and their launchers.
 
-One launch runs every iteration for the whole batch. Each program owns PROBS problems as one
-(PROBS, BLOCK_M, BLOCK_N) tile (BLOCK_* = next powers of two of the longest text and region sides): the cost
-and the solver state stay on chip, lengths are masked per problem, the state is fp32 whatever the input dtype.
+One launch runs every iteration for the whole batch. Each program owns PROBS problems as one tile
+(BLOCK_* = next powers of two of the longest text and region sides): the cost and the solver state stay on chip,
+lengths are masked per problem, the state is fp32 whatever the input dtype. The tile's axes are
+(problem, column // COL_LANES, row, column % COL_LANES): Triton's default layout spreads the last two axes over
+a warp's lanes and the rows over its warps, so every thread holds whole row segments; a row sum is mostly adds
+within a thread and a column sum mostly across a warp. The plain (problem, row, column) tile put every lane on
+one row: each row sum then took 5 shuffles per thread and row (see _config for the counts).
 Algorithms (reference/ot.md):
 - "ipot": the original's linear IPOT (beta, iterations, k inner steps reusing the same Q);
 - "ipot_log": IPOT in the log domain: iteration t runs k log-domain Sinkhorn steps on exp(-t C / beta),
@@ -31,6 +35,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
 TILE_TARGET = 4096  # elements per program: small problems are packed together up to this
 MAX_PROBS = 16
+COL_LANES = 16  # lanes along a row of the tile (fewest instructions per iteration of the 64 x 128 tile: _config)
 
 _NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
 _PAD_COST = tl.constexpr(1e20)  # scaled cost on pads in the log domain: exp(-t * 1e20) = 0, never inf - inf
@@ -73,17 +78,19 @@ class Rows:
 
 @triton.jit
 def _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
-                  PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's problems as a (PROBS, BLOCK_M, BLOCK_N) tile: indices, lengths, row and column masks."""
-    pb = pid * PROBS + tl.arange(0, PROBS)[:, None, None]
+                  PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COL_LANES: tl.constexpr):
+    """This program's problems as a (PROBS, BLOCK_N // COL_LANES, BLOCK_M, COL_LANES) tile: indices, lengths,
+    row and column indices and masks (every per-problem value broadcastable to the tile)."""
+    pb = pid * PROBS + tl.arange(0, PROBS)[:, None, None, None]
     inb = pb < B
     m = tl.load(text_lens_ptr + pb, mask=inb, other=0).to(tl.int32)
     n = tl.load(region_lens_ptr + pb, mask=inb, other=0).to(tl.int32)
     live = (m > 0) & (n > 0)  # an empty side moves no mass: the whole problem is padding
     m = tl.where(live, m, 0)
     n = tl.where(live, n, 0)
-    rows = tl.arange(0, BLOCK_M)[None, :, None]
-    cols = tl.arange(0, BLOCK_N)[None, None, :]
+    rows = tl.arange(0, BLOCK_M)[None, None, :, None]
+    cols = (tl.arange(0, BLOCK_N // COL_LANES)[None, :, None, None] * COL_LANES
+            + tl.arange(0, COL_LANES)[None, None, None, :])
     return pb, inb, live, m, n, rows, cols, rows < m, cols < n
 
 
@@ -94,17 +101,52 @@ def _recip(x, valid):
 
 
 @triton.jit
-def _lse(x, AXIS: tl.constexpr):
-    """log-sum-exp along AXIS, kept as a size-1 axis (pads hold -1e20-scale values and add nothing)."""
-    top = tl.expand_dims(tl.max(x, axis=AXIS), AXIS)
-    return tl.log(tl.expand_dims(tl.sum(tl.exp(x - top), axis=AXIS), AXIS)) + top
+def _row_sum(x):
+    """Each row's sum over its columns, (P, 1, BM, 1): the axis within a thread first, then across lanes."""
+    return tl.expand_dims(tl.expand_dims(tl.sum(tl.sum(x, axis=1), axis=2), 1), 3)
+
+
+@triton.jit
+def _row_max(x):
+    return tl.expand_dims(tl.expand_dims(tl.max(tl.max(x, axis=1), axis=2), 1), 3)
+
+
+@triton.jit
+def _col_sum(x):
+    """Each column's sum over its rows, (P, BN // COL_LANES, 1, COL_LANES)."""
+    return tl.expand_dims(tl.sum(x, axis=2), 2)
+
+
+@triton.jit
+def _col_max(x):
+    return tl.expand_dims(tl.max(x, axis=2), 2)
+
+
+@triton.jit
+def _problem_sum(x):
+    """Each problem's sum over its whole tile, (P,)."""
+    return tl.sum(tl.sum(tl.sum(x, axis=1), axis=2), axis=1)
+
+
+@triton.jit
+def _lse_rows(x):
+    """log-sum-exp of each row (pads hold -1e20-scale values and add nothing)."""
+    top = _row_max(x)
+    return tl.log(_row_sum(tl.exp(x - top))) + top
+
+
+@triton.jit
+def _lse_cols(x):
+    """log-sum-exp of each column."""
+    top = _col_max(x)
+    return tl.log(_col_sum(tl.exp(x - top))) + top
 
 
 @triton.jit
 def _column_error(plan, nf, colv):
-    """L1 distance of each problem's column sums to 1/n, (PROBS, 1, 1); rows are exact after every iteration."""
-    miss = tl.expand_dims(tl.sum(plan, axis=1), 1) - _recip(nf, colv)
-    return tl.expand_dims(tl.sum(tl.where(colv, tl.abs(miss), 0.0), axis=2), 2)
+    """L1 distance of each problem's column sums to 1/n, (P, 1, 1, 1); rows are exact after every iteration."""
+    miss = _col_sum(plan) - _recip(nf, colv)
+    return _row_sum(tl.where(colv, tl.abs(miss), 0.0))
 
 
 @triton.jit
@@ -174,8 +216,8 @@ def _ipot_linear(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol, US
         q = kernel * plan
         s = sigma
         for _ in range(k):  # inner steps reuse the same Q (the original's k > 1 crashes on a shape bug)
-            delta = 1.0 / tl.where(colv, nf * tl.expand_dims(tl.sum(q * s, axis=1), 1), 1.0)
-            s = 1.0 / tl.where(rowv, mf * tl.expand_dims(tl.sum(q * delta, axis=2), 2), 1.0)
+            delta = 1.0 / tl.where(colv, nf * _col_sum(q * s), 1.0)
+            s = 1.0 / tl.where(rowv, mf * _row_sum(q * delta), 1.0)
         if USE_TOL:  # converged problems keep their state
             plan = tl.where(active, s * q * delta, plan)
             sigma = tl.where(active, s, sigma)
@@ -217,8 +259,8 @@ def _log_domain(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol,
             u = f
         v = g
         for _ in range(k):
-            v = tl.where(colv, log_nu - _lse(u + log_kernel, 1), 0.0)
-            u = tl.where(rowv, log_mu - _lse(log_kernel + v, 2), 0.0)
+            v = tl.where(colv, log_nu - _lse_cols(u + log_kernel), 0.0)
+            u = tl.where(rowv, log_mu - _lse_rows(log_kernel + v), 0.0)
         if USE_TOL:  # converged problems keep their state
             f_prev = tl.where(active, f, f_prev)
             f = tl.where(active, u, f)
@@ -254,18 +296,19 @@ def _transport_kernel(
     METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
     WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr,
     PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    COL_LANES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
-                                                                PROBS, BLOCK_M, BLOCK_N)
+                                                                PROBS, BLOCK_M, BLOCK_N, COL_LANES)
     valid = rowv & colv
     if FROM_VECTORS:  # PROBS == 1 (the launcher's rule): problem pid, its cosine as one 2-D product
         xb = _problem_base(x_starts_ptr, pid, s_xb, s_xr, PACKED)
         yb = _problem_base(y_starts_ptr, pid, s_yb, s_yr, PACKED)
         cos, _, _ = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, tl.max(m), tl.max(n), D,
                             BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        cost = tl.where(valid, 1.0 - cos[None, :, :], 0.0)
+        cos = tl.permute(tl.reshape(cos, (BLOCK_M, BLOCK_N // COL_LANES, COL_LANES)), (1, 0, 2))  # the tile's axes
+        cost = tl.where(valid, 1.0 - cos[None, :, :, :], 0.0)
     else:
         cost_ptrs = cost_ptr + pb.to(tl.int64) * s_cb + rows * s_cm + cols * s_cn
         cost = tl.load(cost_ptrs, mask=valid, other=0.0).to(tl.float32)
@@ -277,9 +320,9 @@ def _transport_kernel(
         plan, done = _log_domain(cost * scale, rowv, colv, valid, mf, nf, live, iterations, k, tol,
                                  METHOD == 1, USE_TOL)
     p1 = pid * PROBS + tl.arange(0, PROBS)
-    tl.store(dist_ptr + p1, tl.sum(tl.sum(cost * plan, axis=2), axis=1), mask=p1 < B)
+    tl.store(dist_ptr + p1, _problem_sum(cost * plan), mask=p1 < B)
     if USE_TOL:
-        tl.store(counts_ptr + p1, tl.sum(tl.sum(done, axis=2), axis=1), mask=p1 < B)
+        tl.store(counts_ptr + p1, _problem_sum(done), mask=p1 < B)
     if WRITE_PLAN:  # the whole (M, N) block, pads included: exact zeros there
         plan_ptrs = plan_ptr + pb.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn
         tl.store(plan_ptrs, plan, mask=inb & (rows < M) & (cols < N))
@@ -357,25 +400,29 @@ def _sm_count(device: torch.device) -> int:
 
 def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int = 4,
             device: torch.device = torch.device("cpu")) -> dict:
-    """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it).
-    The warp counts were chosen on an H200 (benchmarks/tune_kernels.py, 2026-11-26, 64 x 128 tiles; RESULTS.md):
-    - from a cost: as many problems per program as fit TILE_TARGET elements, 64 tile elements per thread (4 warps
-      for 64 x 128: 1.2x faster than 8 at B=256), 128 once the batch fills every SM four times over (2 warps:
-      1.4x faster than 4 at B=1024 and 4096, where more resident programs hide the solver's latency);
+    """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it),
+    COL_LANES lanes along a row. Warp counts:
+    - from a cost: as many problems per program as fit TILE_TARGET elements; 32 tile elements per thread while
+      the batch fits two programs per SM, 64 beyond. From the sm_90 code (cuobjdump) of one IPOT iteration of the
+      64 x 128 tile, 16 lanes along a row: 418 instructions per thread at 8 warps (128 registers: two programs
+      per SM), 622 at 4 warps (235 registers: two per SM), 1077 at 2 warps (spilling); 8 lanes along a row cost
+      20-40% more, and the (problem, row, column) tile took 1053, 2016 and 2392 (225-384 shuffles, now 48-80).
+      A small batch waits on one iteration's chain (fewest instructions per thread), a large one on the SMs'
+      issue rate (fewest per problem). Not yet timed on a GPU: benchmarks/tune_kernels.py sweeps the options;
     - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
-      per step (1.2x forward, 1.7x backward against 8 warps and 16 dims), fp32 inputs 8 warps and 16 dims from the
-      64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
+      per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26), fp32 inputs 8
+      warps and 16 dims from the 64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
     floor = 1 if dim is None else 16
     block_m = max(next_pow2(max(max_m, 1)), floor)
     block_n = max(next_pow2(max(max_n, 1)), floor)
     if dim is not None:
         wide = elem_bytes == 4 and block_m * block_n >= 8192
         return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16 if wide else 32,
-                    num_warps=8 if wide else 4)
+                    COL_LANES=min(COL_LANES, block_n), num_warps=8 if wide else 4)
     probs = max(1, min(TILE_TARGET // (block_m * block_n), MAX_PROBS, next_pow2(max(batch, 1))))
     elements = probs * block_m * block_n
-    per_thread = 128 if batch >= 4 * _sm_count(device) else 64
-    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16,
+    per_thread = 64 if batch > 2 * _sm_count(device) else 32
+    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, COL_LANES=min(COL_LANES, block_n),
                 num_warps=min(max(elements // (32 * per_thread), 1), 16))
 
 
@@ -384,6 +431,10 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
     config = {**rule, **(tune or {})}
     if dim is not None and config["PROBS"] != 1:
         raise ValueError(f"tune={tune}: from vectors each program solves one problem (PROBS=1)")
+    lanes = config["COL_LANES"]
+    if lanes not in (1, 2, 4, 8, 16, 32) or lanes > config["BLOCK_N"]:
+        raise ValueError(f"tune={tune}: COL_LANES must be a power of two from 1 to min(32, BLOCK_N="
+                         f"{config['BLOCK_N']})")
     return config
 
 
@@ -461,6 +512,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         return grad_text, grad_regions
     config = _tuned(_config(batch, plan.shape[1], plan.shape[2], dim, text.data.element_size(), text.data.device),
                     tune, dim)
+    config.pop("COL_LANES")  # the backward's tiles are 2-D
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
     _cosine_grad_kernel[(cdiv(batch, config["PROBS"]),)](

@@ -195,17 +195,20 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
     cost = cost.float()
     solve = kernels.Solve("ipot", scale=2.0, iterations=10)
     dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True)
-    for tune in ({"PROBS": 1}, {"PROBS": 4, "num_warps": 2}):
+    for tune in ({"PROBS": 1}, {"PROBS": 4, "num_warps": 2}, {"COL_LANES": 1}, {"COL_LANES": 2, "PROBS": 2}):
         dist2, plan2, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True, tune=tune)
         torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(plan2, plan, rtol=1e-6, atol=1e-9)
     text, regions, text_lens, region_lens = vectors(SIZES_B, gen=gen, dim=20, dtype=torch.float32)
     rows = kernels.Rows(text), kernels.Rows(regions)
     dist, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve)
-    dist2, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"BLOCK_D": 16})
-    torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
+    for tune in ({"BLOCK_D": 16}, {"COL_LANES": 1}):
+        dist2, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune=tune)
+        torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="PROBS=1"):
         kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"PROBS": 2})
+    with pytest.raises(ValueError, match="COL_LANES"):
+        kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"COL_LANES": 3})
 
 
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
