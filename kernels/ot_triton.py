@@ -6,7 +6,9 @@ lengths are masked per problem, the state is fp32 whatever the input dtype. The 
 (problem, column // COL_LANES, row, column % COL_LANES): Triton's default layout spreads the last two axes over
 a warp's lanes and the rows over its warps, so every thread holds whole row segments; a row sum is mostly adds
 within a thread and a column sum mostly across a warp. The plain (problem, row, column) tile put every lane on
-one row: each row sum then took 5 shuffles per thread and row (see _config for the counts).
+one row: each row sum then took 5 shuffles per thread and row (see _config for the counts). With one problem
+per program, a problem no longer than half the block on a side runs on the half tile (SHRINK): at UNITER's
+random lengths about half of the padded work.
 Algorithms (reference/ot.md):
 - "ipot": the original's linear IPOT (beta, iterations, k inner steps reusing the same Q);
 - "ipot_log": IPOT in the log domain: iteration t runs k log-domain Sinkhorn steps on exp(-t C / beta),
@@ -92,6 +94,35 @@ def _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
     cols = (tl.arange(0, BLOCK_N // COL_LANES)[None, :, None, None] * COL_LANES
             + tl.arange(0, COL_LANES)[None, None, None, :])
     return pb, inb, live, m, n, rows, cols, rows < m, cols < n
+
+
+@triton.jit
+def _tile_axes(x, COL_LANES: tl.constexpr):
+    """(P, BM, BN) -> the tile's (P, BN // COL_LANES, BM, COL_LANES)."""
+    P: tl.constexpr = x.shape[0]
+    BM: tl.constexpr = x.shape[1]
+    BN: tl.constexpr = x.shape[2]
+    return tl.permute(tl.reshape(x, (P, BM, BN // COL_LANES, COL_LANES)), (0, 2, 1, 3))
+
+
+@triton.jit
+def _layout_barrier(x):
+    """x (P, BM, BN) unchanged (+ 0 * 0 in a matrix product) where P * BM and BN are at least 16.
+
+    Triton lays out the solver's loop like the load that feeds it: Triton 3.6 put a load's warps across each row
+    (twice the instructions per iteration on sm_90). A matrix product's result is not propagated that way, so
+    the loop takes the tile's default layout on Triton 3.6 and 3.9 alike, as the fused-cosine path does."""
+    P: tl.constexpr = x.shape[0]
+    BM: tl.constexpr = x.shape[1]
+    BN: tl.constexpr = x.shape[2]
+    if P * BM >= 16 and BN >= 16:
+        flat = tl.dot(tl.zeros((P * BM, 16), tl.float32), tl.zeros((16, BN), tl.float32), tl.reshape(x, (P * BM, BN)),
+                      input_precision="tf32")
+        if P == 1:
+            x = flat[None, :, :]  # not a reshape: that lays out the loop worse for the 64-row tiles (cuobjdump)
+        else:
+            x = tl.reshape(flat, (P, BM, BN))
+    return x
 
 
 @triton.jit
@@ -296,9 +327,49 @@ def _transport_kernel(
     METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
     WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr,
     PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    COL_LANES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COL_LANES: tl.constexpr, SHRINK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Solves this program's problems. SHRINK (PROBS == 1): a problem no longer than half the block on a side
+    runs on the half tile there, so a short pair costs a quarter of the longest one's work."""
     pid = tl.program_id(0)
+    args = (cost_ptr, s_cb, s_cm, s_cn, x_ptr, x_starts_ptr, s_xb, s_xr, s_xd, y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
+            text_lens_ptr, region_lens_ptr, dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr,
+            B, M, N, D, iterations, k, scale, tol)
+    if SHRINK:
+        if tl.load(text_lens_ptr + pid) <= BLOCK_M // 2:
+            _shrink_columns(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M // 2,
+                            BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
+        else:
+            _shrink_columns(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M,
+                            BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
+    else:
+        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N, BLOCK_D,
+                    COL_LANES, DOT_PRECISION)
+
+
+@triton.jit
+def _shrink_columns(pid, args, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
+                    WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """_solve_tile on BLOCK_N // 2 columns when problem pid has no more regions than that."""
+    region_lens_ptr = args[15]
+    if tl.load(region_lens_ptr + pid) <= BLOCK_N // 2:
+        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N // 2,
+                    BLOCK_D, COL_LANES, DOT_PRECISION)
+    else:
+        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N, BLOCK_D,
+                    COL_LANES, DOT_PRECISION)
+
+
+@triton.jit
+def _solve_tile(pid, args, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
+                WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Reads program pid's problems into one tile, solves them and writes their distances (and plans, counts)."""
+    (cost_ptr, s_cb, s_cm, s_cn, x_ptr, x_starts_ptr, s_xb, s_xr, s_xd, y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
+     text_lens_ptr, region_lens_ptr, dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr,
+     B, M, N, D, iterations, k, scale, tol) = args
     pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
                                                                 PROBS, BLOCK_M, BLOCK_N, COL_LANES)
     valid = rowv & colv
@@ -307,11 +378,14 @@ def _transport_kernel(
         yb = _problem_base(y_starts_ptr, pid, s_yb, s_yr, PACKED)
         cos, _, _ = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, tl.max(m), tl.max(n), D,
                             BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        cos = tl.permute(tl.reshape(cos, (BLOCK_M, BLOCK_N // COL_LANES, COL_LANES)), (1, 0, 2))  # the tile's axes
-        cost = tl.where(valid, 1.0 - cos[None, :, :, :], 0.0)
+        cost = tl.where(valid, 1.0 - _tile_axes(cos[None, :, :], COL_LANES), 0.0)
     else:
-        cost_ptrs = cost_ptr + pb.to(tl.int64) * s_cb + rows * s_cm + cols * s_cn
-        cost = tl.load(cost_ptrs, mask=valid, other=0.0).to(tl.float32)
+        p3 = tl.reshape(pb, (PROBS, 1, 1))
+        r3 = tl.arange(0, BLOCK_M)[None, :, None]
+        c3 = tl.arange(0, BLOCK_N)[None, None, :]
+        cost = tl.load(cost_ptr + p3.to(tl.int64) * s_cb + r3 * s_cm + c3 * s_cn,
+                       mask=(r3 < tl.reshape(m, (PROBS, 1, 1))) & (c3 < tl.reshape(n, (PROBS, 1, 1))), other=0.0)
+        cost = _tile_axes(_layout_barrier(cost.to(tl.float32)), COL_LANES)
     mf = m.to(tl.float32)
     nf = n.to(tl.float32)
     if METHOD == 0:
@@ -323,7 +397,7 @@ def _transport_kernel(
     tl.store(dist_ptr + p1, _problem_sum(cost * plan), mask=p1 < B)
     if USE_TOL:
         tl.store(counts_ptr + p1, _problem_sum(done), mask=p1 < B)
-    if WRITE_PLAN:  # the whole (M, N) block, pads included: exact zeros there
+    if WRITE_PLAN:  # the tile's part of the (M, N) block, pads included: exact zeros there (the rest is zeroed)
         plan_ptrs = plan_ptr + pb.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn
         tl.store(plan_ptrs, plan, mask=inb & (rows < M) & (cols < N))
 
@@ -401,14 +475,16 @@ def _sm_count(device: torch.device) -> int:
 def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int = 4,
             device: torch.device = torch.device("cpu")) -> dict:
     """Tile sizes by a fixed rule: powers of two covering the longest sides (at least 16 where tl.dot needs it),
-    COL_LANES lanes along a row. Warp counts:
-    - from a cost: as many problems per program as fit TILE_TARGET elements; 32 tile elements per thread while
-      the batch fits two programs per SM, 64 beyond. From the sm_90 code (cuobjdump) of one IPOT iteration of the
-      64 x 128 tile, 16 lanes along a row: 418 instructions per thread at 8 warps (128 registers: two programs
-      per SM), 622 at 4 warps (235 registers: two per SM), 1077 at 2 warps (spilling); 8 lanes along a row cost
-      20-40% more, and the (problem, row, column) tile took 1053, 2016 and 2392 (225-384 shuffles, now 48-80).
-      A small batch waits on one iteration's chain (fewest instructions per thread), a large one on the SMs'
-      issue rate (fewest per problem). Not yet timed on a GPU: benchmarks/tune_kernels.py sweeps the options;
+    COL_LANES lanes along a row, SHRINK (half tiles for short problems) wherever one problem has a program and
+    both halves hold 16 rows and COL_LANES columns. Warp counts:
+    - from a cost: as many problems per program as fit TILE_TARGET elements; 32 tile elements per thread while the
+      batch fits one program per SM, 64 beyond. From the sm_90 code (cuobjdump, Triton 3.6 / 3.9) of one IPOT
+      iteration of the 64 x 128 tile, 16 lanes along a row: 432 / 437 instructions per thread at 8 warps
+      (195 / 157 registers: one program per SM), 619 / 641 at 4 warps (254 / 246 registers: two per SM); the
+      shrunk tiles take 249 (32 x 64), 421 (32 x 128) and 364 (64 x 64) at 4 warps. The (problem, row, column)
+      tile took 2016 at 4 warps and 1053 at 8. A small batch waits on one iteration's chain (fewest
+      instructions per thread), a large one on the SMs' issue rate (fewest per problem). Not yet timed on a GPU:
+      benchmarks/tune_kernels.py sweeps the options;
     - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
       per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26), fp32 inputs 8
       warps and 16 dims from the 64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
@@ -418,12 +494,13 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
     if dim is not None:
         wide = elem_bytes == 4 and block_m * block_n >= 8192
         return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16 if wide else 32,
-                    COL_LANES=min(COL_LANES, block_n), num_warps=8 if wide else 4)
+                    COL_LANES=min(COL_LANES, block_n), SHRINK=min(block_m, block_n) >= 32,
+                    num_warps=8 if wide else 4)
     probs = max(1, min(TILE_TARGET // (block_m * block_n), MAX_PROBS, next_pow2(max(batch, 1))))
     elements = probs * block_m * block_n
-    per_thread = 64 if batch > 2 * _sm_count(device) else 32
+    per_thread = 64 if batch > _sm_count(device) else 32
     return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, COL_LANES=min(COL_LANES, block_n),
-                num_warps=min(max(elements // (32 * per_thread), 1), 16))
+                SHRINK=probs == 1 and min(block_m, block_n) >= 32, num_warps=min(max(elements // (32 * per_thread), 1), 16))
 
 
 def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
@@ -435,6 +512,11 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
     if lanes not in (1, 2, 4, 8, 16, 32) or lanes > config["BLOCK_N"]:
         raise ValueError(f"tune={tune}: COL_LANES must be a power of two from 1 to min(32, BLOCK_N="
                          f"{config['BLOCK_N']})")
+    smallest = 16 if dim is not None else 1  # tl.dot's least side
+    if config["SHRINK"] and (config["PROBS"] != 1 or config["BLOCK_N"] // 2 < max(lanes, smallest)
+                             or config["BLOCK_M"] // 2 < smallest):
+        raise ValueError(f"tune={tune}: SHRINK needs PROBS=1 and half tiles of at least COL_LANES={lanes} "
+                         f"columns and {smallest} rows")
     return config
 
 
@@ -461,13 +543,15 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()  # the kernels index them flat
     device = text_lens.device
     dist = torch.empty(batch, device=device, dtype=torch.float32)
-    plan = torch.empty(batch, max_m, max_n, device=device, dtype=torch.float32) if want_plan else None
     counts = torch.empty(batch, device=device, dtype=torch.int32) if solve.tol is not None else None
-    if batch == 0:
-        return dist, plan, counts
     dim = None if cost is not None else text.data.shape[-1]
     data = cost if cost is not None else text.data
     config = _tuned(_config(batch, max_m, max_n, dim, data.element_size(), data.device), tune, dim)
+    # a shrunk tile writes only its part of the plan: the rest must be zeros already
+    alloc = torch.zeros if config["SHRINK"] else torch.empty
+    plan = alloc(batch, max_m, max_n, device=device, dtype=torch.float32) if want_plan else None
+    if batch == 0:
+        return dist, plan, counts
     if cost is not None:
         cost_args, x_args, y_args = (cost, *cost.stride()), (cost, text_lens, 0, 0, 0), (cost, text_lens, 0, 0, 0)
     else:
@@ -512,7 +596,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         return grad_text, grad_regions
     config = _tuned(_config(batch, plan.shape[1], plan.shape[2], dim, text.data.element_size(), text.data.device),
                     tune, dim)
-    config.pop("COL_LANES")  # the backward's tiles are 2-D
+    del config["COL_LANES"], config["SHRINK"]  # the forward's tile geometry: the backward's tiles are 2-D
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
     _cosine_grad_kernel[(cdiv(batch, config["PROBS"]),)](

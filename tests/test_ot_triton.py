@@ -211,6 +211,41 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"COL_LANES": 3})
 
 
+
+# sides past 32 (64 x 64 tiles, one problem per program): each of the four half/full tiles serves a problem
+SIZES_LONG = [(3, 40), (20, 5), (33, 2), (2, 2), (40, 50), (0, 40)]
+
+
+@pytest.mark.parametrize("method", ["ipot", "ipot_log"])
+def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator, method: str) -> None:
+    """A short problem runs on a half tile (SHRINK, the rule for one problem per program): the same plan and
+    distance as on the full tile and as the reference, exact zeros on the pads the half tile never writes."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    cost, text_lens, region_lens = cost_batch(SIZES_LONG, gen=gen)
+    cost = cost.float()
+    solve = kernels.Solve(method, scale=2.0, iterations=8)
+    assert kernels._config(len(SIZES_LONG), cost.shape[1], cost.shape[2], None)["SHRINK"]
+    dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True)
+    full, full_plan, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True,
+                                                tune={"SHRINK": False})
+    torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(plan, full_plan, rtol=1e-5, atol=1e-9)  # another summation order
+    expected = reference.ipot_plan_ref(cost.double(), text_lens, region_lens, beta=0.5, iterations=8)
+    assert_plan(plan, expected, text_lens, region_lens, rtol=1e-3 if method == "ipot_log" else 1e-4)
+
+    text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dtype=torch.float32)
+    rows = kernels.Rows(text), kernels.Rows(regions)
+    dist, plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True)
+    full, full_plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True,
+                                                   tune={"SHRINK": False})
+    torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(plan, full_plan, rtol=1e-5, atol=1e-9)  # another summation order
+    assert bool((plan[pad_mask(plan, text_lens, region_lens)] == 0).all())
+    with pytest.raises(ValueError, match="SHRINK needs PROBS=1"):
+        kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
+
+
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
     text, regions, text_lens, region_lens = vectors([(3, 2), (2, 3), (1, 2)], gen=gen, dim=4)
     text.requires_grad_()
