@@ -17,6 +17,7 @@ peer. Rows are appended to benchmarks/results.csv.
 
     python benchmarks/bench_layer.py                   # base and large (about a minute on an H100 with compile)
     python benchmarks/bench_layer.py --quick           # base only, no compile
+    python benchmarks/bench_layer.py --quick --profile # and where ours_triton's step goes (torch.profiler)
     TRITON_INTERPRET=1 python benchmarks/bench_layer.py --cpu-smoke
 """
 from __future__ import annotations
@@ -119,6 +120,30 @@ class Case:
                 "hf_eager": lambda: self.hf(False), "hf_compile": lambda: self.hf(True)}[impl]()
 
 
+def profile_step(run, device, steps: int = 3) -> None:
+    """Where one step of `run` goes: its wall time against the sum of its kernels' time (a step far longer than
+    its kernels waits on the host), then the ops and kernels that take the most."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    run()  # warm
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync()
+        wall_us = (time.perf_counter() - start) / steps * 1e6
+    events = prof.key_averages()
+    kernels_us = sum(e.self_device_time_total for e in events) / steps
+    print(f"\n== profile of ours_triton ({steps} steps): wall {wall_us / 1e3:.2f} ms per step under the profiler, "
+          f"kernels {kernels_us / 1e3:.2f} ms ({kernels_us / wall_us:.0%} of the wall)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_device_time_total", row_limit=15))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (about 30 s per model)")
     p.add_argument("--quick", action="store_true", help="base only, no compile")
     p.add_argument("--cpu-smoke", action="store_true", help="a 2-layer toy on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile ours_triton's step: wall against kernel time, the costliest kernels and ops")
     add_csv_options(p)
     args = p.parse_args(argv)
     args.csv = results_path(args)
@@ -164,6 +191,8 @@ def main(argv=None) -> int:
             rows.append((impl, times, note))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if args.profile:
+            profile_step(case.build("ours_triton"), device)
         tokens = sum(case.lens)
         print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size})  B={len(case.lens)}  "
               f"{tokens} real tokens, padded {len(case.lens)} x {case.N} ({1 - tokens / (len(case.lens) * case.N):.0%} "

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the gpu-marked tests, every benchmark script, and a short bf16 pre-training run through
 # DeepSpeed, in under 6 minutes (each step has its own time limit); logs go to $OUT (or ./gpu_check_logs).
-# --tune: then the launch sweeps of benchmarks/tune_kernels.py too (about a minute more).
+# --tune: then the extras too (about 3 minutes more): the launch sweeps of benchmarks/tune_kernels.py, and the
+#         base encoder against the compiled BertModel with a profile of our step (where its time goes).
+# --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_logs}"
@@ -13,6 +15,15 @@ python -m pip install -q --no-deps --no-build-isolation -e . >"$out/env.log" 2>&
 python -m uniter_fast.cli env 2>&1 | tee -a "$out/env.log"
 # a test module whose CPU-only imports the device lacks (lz4 for the converters) must not stop the gpu tests;
 # compiling the kernels' variants is most of their time (9 tests in 80 s on one core): 8 workers share it
+extras() {
+    timeout 70 python benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
+    timeout 120 python benchmarks/bench_layer.py --models base --profile 2>&1 | tee -a "$out/bench_layer.log"
+    cp benchmarks/results.csv "$out/" 2>/dev/null || true
+}
+if [ "${1:-}" = "--tune-only" ]; then
+    extras
+    exit 0
+fi
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 timeout 100 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
 pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true  # workers a timeout leaves would share the GPU with the benchmarks
@@ -33,5 +44,5 @@ cp benchmarks/results.csv "$out/" 2>/dev/null || true
 timeout 45 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 --no-progress \
     --output-dir /tmp/gpu_check_pretrain 2>&1 | tail -40 | tee "$out/pretrain.log"
 if [ "${1:-}" = "--tune" ]; then
-    timeout 70 python benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
+    extras
 fi
