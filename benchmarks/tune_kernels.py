@@ -37,11 +37,11 @@ from uniter_fast.kernels.attention_triton import Launch
 ATTN_FORWARD = [Launch(64, 32, 4, 3), Launch(64, 64, 4, None), Launch(64, 32, 4, 2), Launch(64, 32, 4, 4),
                 Launch(64, 32, 8, 3), Launch(128, 32, 8, 3), Launch(32, 32, 4, 3)]
 ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 2), Launch(32, 32, 2, 1), Launch(32, 32, 4, 1)]
-OT_COST = [{}, {"num_warps": 8}, {"num_warps": 4}, {"num_warps": 2}, {"PROBS": 2, "num_warps": 8},
-           {"COL_LANES": 8}, {"COL_LANES": 32}]
-OT_VECTORS = [{}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64}, {"num_warps": 2}, {"num_stages": 2},
-              {"num_stages": 4}]
-OT_BACKWARD = OT_VECTORS
+OT_COST = [{}, {"num_warps": 8}, {"num_warps": 4}, {"num_warps": 2}, {"PROBS": 2, "SHRINK": False, "num_warps": 8},
+           {"COL_LANES": 8}, {"COL_LANES": 32}, {"SHRINK": False}]
+OT_BACKWARD = [{}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64}, {"num_warps": 2}, {"num_stages": 2},
+               {"num_stages": 4}]
+OT_VECTORS = OT_BACKWARD + [{"SHRINK": False}]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
