@@ -40,6 +40,7 @@ MAX_PROBS = 16
 COL_LANES = 16  # lanes along a row of the tile (fewest instructions per iteration of the 64 x 128 tile: _config)
 
 _NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
+_FOLD_RANGE = tl.constexpr(30.0)  # the factored IPOT plan's W drifts from T by at most exp(this)
 _PAD_COST = tl.constexpr(1e20)  # scaled cost on pads in the log domain: exp(-t * 1e20) = 0, never inf - inf
 
 
@@ -174,9 +175,9 @@ def _lse_cols(x):
 
 
 @triton.jit
-def _column_error(plan, nf, colv):
-    """L1 distance of each problem's column sums to 1/n, (P, 1, 1, 1); rows are exact after every iteration."""
-    miss = _col_sum(plan) - _recip(nf, colv)
+def _column_error(col_sums, nf, colv):
+    """L1 distance of each problem's plan column sums to 1/n, (P, 1, 1, 1); rows are exact after every iteration."""
+    miss = col_sums - _recip(nf, colv)
     return _row_sum(tl.where(colv, tl.abs(miss), 0.0))
 
 
@@ -230,37 +231,52 @@ def _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, m, n, D,
 
 @triton.jit
 def _ipot_linear(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol, USE_TOL: tl.constexpr):
-    """UNITER's IPOT on A = exp(-scaled): returns the plan and how many iterations each problem ran.
+    """UNITER's IPOT on K = exp(-scaled): returns the plan and how many iterations each problem ran.
 
-    Pad rows and columns divide by 1 instead of their sums (0): their scalings stay finite with one select where
-    `_recip` takes two, and their Q entries are 0, so the plan stays exactly 0 there. On sm_90 (cuobjdump) an
-    iteration of the 64 x 128 tile is then 13-19% fewer instructions at 2, 4 and 8 warps, with fewer spills."""
+    The plan is kept factored, T = diag(r) W diag(c). An iteration's Q = K * T is diag(r) (K * W) diag(c), and
+    its new plan diag(s) Q diag(delta) is diag(s r) (K * W) diag(c delta): W becomes K * W and the scalings fold
+    into r and c, so an entry costs one product and two multiply-adds (the sums), not five operations.
+    W = T * K^j drifts from T by up to exp(j max|scaled|): every `fold` iterations W takes the scalings back
+    (W = T, r = c = 1), fold keeping that drift within exp(_FOLD_RANGE), far inside fp32's exp(+-87).
+    Pad rows and columns divide by 1 instead of their sums (0): their scalings stay finite, their W entries 0."""
     kernel = tl.where(valid, tl.exp(-scaled), 0.0)
-    plan = tl.where(valid, 1.0, 0.0)
+    w = tl.where(valid, 1.0, 0.0)
+    r = tl.where(rowv, 1.0, 1.0)
+    c = tl.where(colv, 1.0, 1.0)
     sigma = _recip(mf, rowv)
-    delta = tl.where(colv, 0.0, 0.0)
+    delta = c
+    top = tl.max(tl.where(valid, tl.abs(scaled), 0.0))  # over the program's tile: one fold period for it
+    fold = tl.minimum(tl.maximum(_FOLD_RANGE / tl.maximum(top, 1e-6), 1.0), 16.0).to(tl.int32)
     active = live
     done = tl.where(live, 0, 0)
     remaining = tl.sum(active.to(tl.int32))
     it = remaining * 0
     while (it < iterations) & (remaining > 0):
-        q = kernel * plan
+        v = kernel * w
         s = sigma
         for _ in range(k):  # inner steps reuse the same Q (the original's k > 1 crashes on a shape bug)
-            delta = 1.0 / tl.where(colv, nf * _col_sum(q * s), 1.0)
-            s = 1.0 / tl.where(rowv, mf * _row_sum(q * delta), 1.0)
+            delta = 1.0 / tl.where(colv, nf * c * _col_sum(v * (r * s)), 1.0)
+            s = 1.0 / tl.where(rowv, mf * r * _row_sum(v * (c * delta)), 1.0)
         if USE_TOL:  # converged problems keep their state
-            plan = tl.where(active, s * q * delta, plan)
+            w = tl.where(active, v, w)
+            r = tl.where(active, r * s, r)
+            c = tl.where(active, c * delta, c)
             sigma = tl.where(active, s, sigma)
         else:
-            plan = s * q * delta
+            w = v
+            r = r * s
+            c = c * delta
             sigma = s
         done += active.to(tl.int32)
         if USE_TOL:
-            active = active & (_column_error(plan, nf, colv) > tol)
+            active = active & (_column_error(c * _col_sum(w * r), nf, colv) > tol)
             remaining = tl.sum(active.to(tl.int32))
         it += 1
-    return plan, done
+        if it % fold == 0:
+            w = r * w * c
+            r = tl.where(rowv, 1.0, 1.0)
+            c = tl.where(colv, 1.0, 1.0)
+    return r * w * c, done
 
 
 @triton.jit
@@ -303,7 +319,7 @@ def _log_domain(scaled, rowv, colv, valid, mf, nf, live, iterations, k, tol,
         done += active.to(tl.int32)
         if USE_TOL:
             plan = tl.where(valid, tl.exp(f + g + log_kernel), 0.0)
-            active = active & (_column_error(plan, nf, colv) > tol)
+            active = active & (_column_error(_col_sum(plan), nf, colv) > tol)
             remaining = tl.sum(active.to(tl.int32))
         it += 1
     if EXTRAPOLATE:
@@ -479,12 +495,13 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
     both halves hold 16 rows and COL_LANES columns. Warp counts:
     - from a cost: as many problems per program as fit TILE_TARGET elements; 32 tile elements per thread while the
       batch fits one program per SM, 64 beyond. From the sm_90 code (cuobjdump, Triton 3.6 / 3.9) of one IPOT
-      iteration of the 64 x 128 tile, 16 lanes along a row: 432 / 437 instructions per thread at 8 warps
-      (195 / 157 registers: one program per SM), 619 / 641 at 4 warps (254 / 246 registers: two per SM); the
-      shrunk tiles take 249 (32 x 64), 421 (32 x 128) and 364 (64 x 64) at 4 warps. The (problem, row, column)
-      tile took 2016 at 4 warps and 1053 at 8. A small batch waits on one iteration's chain (fewest
-      instructions per thread), a large one on the SMs' issue rate (fewest per problem). Not yet timed on a GPU:
-      benchmarks/tune_kernels.py sweeps the options;
+      iteration of the 64 x 128 tile, 16 lanes along a row, the plan factored: 371 / 389 instructions per thread
+      at 8 warps (184 / 160 registers: one program per SM), 558 / 593 at 4 warps (254 / 255 registers: two per
+      SM), each with 64 or 128 multiplies that run only one iteration in `fold` (7 at beta 0.5); the shrunk
+      tiles take 240 (32 x 64), 362 (32 x 128) and 355 (64 x 64) at 4 warps. The (problem, row, column) tile
+      with the plain plan took 2016 at 4 warps and 1053 at 8. A small batch waits on one iteration's chain
+      (fewest instructions per thread), a large one on the SMs' issue rate (fewest per problem). Not yet timed
+      on a GPU: benchmarks/tune_kernels.py sweeps the options;
     - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
       per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26), fp32 inputs 8
       warps and 16 dims from the 64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""

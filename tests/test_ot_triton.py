@@ -100,6 +100,20 @@ def test_ipot_marginals(gen: torch.Generator) -> None:
             assert block.sum().item() == pytest.approx(1.0, rel=rtol)
 
 
+
+@pytest.mark.parametrize("beta", [0.05, 0.5, 20.0])  # folds every iteration, every 7, every 16
+@pytest.mark.parametrize("shift", [0.0, -1.0])  # costs in [-1, 1]: kernel entries above 1, W grows
+def test_factored_plan_folds_at_every_scale(gen: torch.Generator, beta: float, shift: float) -> None:
+    """Linear IPOT keeps T = diag(r) W diag(c) and folds the scalings back into W every few iterations: across
+    many folds the plan stays the reference's, at every cost scale."""
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    cost = (cost + shift).float()
+    dist, plan = ot.ipot(cost, text_lens, region_lens, beta=beta, iterations=40, return_plan=True, backend="triton")
+    expected = reference.ipot_plan_ref(cost.double(), text_lens, region_lens, beta=beta, iterations=40)
+    assert_plan(plan, expected, text_lens, region_lens)
+    torch.testing.assert_close(dist.double(), reference.transport_distance_ref(cost.double(), expected),
+                               rtol=1e-5, atol=1e-7)
+
 @pytest.mark.parametrize("eps", [0.1, 0.02])
 def test_sinkhorn_log_matches_reference(gen: torch.Generator, eps: float) -> None:
     cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
