@@ -55,9 +55,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot,
     offs_d = tl.arange(0, BLOCK_D)
     dcol = offs_d[None, :]
     dmask = dcol < head_dim  # columns beyond head_dim read as 0 and are never stored
-    q_head, k_head, v_head = Q + h * stride_qh + dcol, K + h * stride_kh + dcol, V + h * stride_vh + dcol
+    # the sample's first row in 64 bits once; rows within it in 32 (the launcher checks they fit)
+    q_head = Q + start * stride_qt + h * stride_qh + dcol
+    k_head = K + start * stride_kt + h * stride_kh + dcol
+    v_head = V + start * stride_vt + h * stride_vh + dcol
     mask_m = offs_m < length
-    q = tl.load(q_head + (start + offs_m)[:, None] * stride_qt, mask=mask_m[:, None] & dmask, other=0.0)
+    q = tl.load(q_head + offs_m[:, None] * stride_qt, mask=mask_m[:, None] & dmask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -66,8 +69,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot,
     for n0 in range(0, length, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < length
-        k = tl.load(k_head + (start + offs_n)[:, None] * stride_kt, mask=mask_n[:, None] & dmask, other=0.0)
-        v = tl.load(v_head + (start + offs_n)[:, None] * stride_vt, mask=mask_n[:, None] & dmask, other=0.0)
+        k = tl.load(k_head + offs_n[:, None] * stride_kt, mask=mask_n[:, None] & dmask, other=0.0)
+        v = tl.load(v_head + offs_n[:, None] * stride_vt, mask=mask_n[:, None] & dmask, other=0.0)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -81,9 +84,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
-    out_ptr = O + h * stride_oh + (start + offs_m)[:, None] * stride_ot + dcol
+    out_ptr = O + start * stride_ot + h * stride_oh + offs_m[:, None] * stride_ot + dcol
     tl.store(out_ptr, acc.to(O.dtype.element_ty), mask=mask_m[:, None] & dmask)
-    tl.store(LSE + (start + offs_m) * stride_lt + h, m_i + tl.math.log2(l_i), mask=mask_m)
+    tl.store(LSE + start * stride_lt + h + offs_m * stride_lt, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
 @triton.jit
@@ -114,15 +117,19 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
     offs_d = tl.arange(0, BLOCK_D)
     dcol = offs_d[None, :]
     dmask = dcol < head_dim  # columns beyond head_dim read as 0 and are never stored
-    q_head, k_head, v_head = Q + h * stride_qh + dcol, K + h * stride_kh + dcol, V + h * stride_vh + dcol
-    do_head = DO + h * stride_doh + dcol
+    # the sample's first row in 64 bits once; rows within it in 32 (the launcher checks they fit)
+    q_head = Q + start * stride_qt + h * stride_qh + dcol
+    k_head = K + start * stride_kt + h * stride_kh + dcol
+    v_head = V + start * stride_vt + h * stride_vh + dcol
+    do_head = DO + start * stride_dot + h * stride_doh + dcol
+    lse_head, delta_head = LSE + start * stride_lt + h, DELTA + start * stride_lt + h
     own = pid * BLOCK + tl.arange(0, BLOCK)  # this program's key block, then its query block
     mask_own = own < length
     inv_keep = 1.0 / (1.0 - dropout_p)
 
     # dK, dV of key block `own`: dV = P_drop^T dO, dS = P (dP - delta), dK = scale dS^T Q
-    k = tl.load(k_head + (start + own)[:, None] * stride_kt, mask=mask_own[:, None] & dmask, other=0.0)
-    v = tl.load(v_head + (start + own)[:, None] * stride_vt, mask=mask_own[:, None] & dmask, other=0.0)
+    k = tl.load(k_head + own[:, None] * stride_kt, mask=mask_own[:, None] & dmask, other=0.0)
+    v = tl.load(v_head + own[:, None] * stride_vt, mask=mask_own[:, None] & dmask, other=0.0)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([BLOCK, BLOCK_D], tl.float32)
@@ -130,12 +137,12 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
     for m0 in range(0, length, BLOCK):
         offs_m = m0 + tl.arange(0, BLOCK)
         mask_m = offs_m < length
-        q = tl.load(q_head + (start + offs_m)[:, None] * stride_qt, mask=mask_m[:, None] & dmask, other=0.0)
-        do = tl.load(do_head + (start + offs_m)[:, None] * stride_dot, mask=mask_m[:, None] & dmask, other=0.0)
+        q = tl.load(q_head + offs_m[:, None] * stride_qt, mask=mask_m[:, None] & dmask, other=0.0)
+        do = tl.load(do_head + offs_m[:, None] * stride_dot, mask=mask_m[:, None] & dmask, other=0.0)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        lse = tl.load(LSE + (start + offs_m) * stride_lt + h, mask=mask_m, other=0.0)
-        delta = tl.load(DELTA + (start + offs_m) * stride_lt + h, mask=mask_m, other=0.0)
+        lse = tl.load(lse_head + offs_m * stride_lt, mask=mask_m, other=0.0)
+        delta = tl.load(delta_head + offs_m * stride_lt, mask=mask_m, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         p = tl.where(mask_m[:, None] & mask_own[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -148,24 +155,24 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    rows = (start + own)[:, None] * stride_qt + h * stride_qh + dcol
+    first, rows = start * stride_qt + h * stride_qh, own[:, None] * stride_qt + dcol  # 64-bit once, 32-bit rows
     store_mask = mask_own[:, None] & dmask
-    tl.store(DK + rows, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
-    tl.store(DV + rows, dv.to(DV.dtype.element_ty), mask=store_mask)
+    tl.store(DK + first + rows, (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
+    tl.store(DV + first + rows, dv.to(DV.dtype.element_ty), mask=store_mask)
 
     # dQ of query block `own`: dQ = scale dS K
-    q = tl.load(q_head + (start + own)[:, None] * stride_qt, mask=mask_own[:, None] & dmask, other=0.0)
-    do = tl.load(do_head + (start + own)[:, None] * stride_dot, mask=mask_own[:, None] & dmask, other=0.0)
+    q = tl.load(q_head + own[:, None] * stride_qt, mask=mask_own[:, None] & dmask, other=0.0)
+    do = tl.load(do_head + own[:, None] * stride_dot, mask=mask_own[:, None] & dmask, other=0.0)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
-    lse = tl.load(LSE + (start + own) * stride_lt + h, mask=mask_own, other=0.0)
-    delta = tl.load(DELTA + (start + own) * stride_lt + h, mask=mask_own, other=0.0)
+    lse = tl.load(lse_head + own * stride_lt, mask=mask_own, other=0.0)
+    delta = tl.load(delta_head + own * stride_lt, mask=mask_own, other=0.0)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for n0 in range(0, length, BLOCK):
         offs_n = n0 + tl.arange(0, BLOCK)
         mask_n = offs_n < length
-        k = tl.load(k_head + (start + offs_n)[:, None] * stride_kt, mask=mask_n[:, None] & dmask, other=0.0)
-        v = tl.load(v_head + (start + offs_n)[:, None] * stride_vt, mask=mask_n[:, None] & dmask, other=0.0)
+        k = tl.load(k_head + offs_n[:, None] * stride_kt, mask=mask_n[:, None] & dmask, other=0.0)
+        v = tl.load(v_head + offs_n[:, None] * stride_vt, mask=mask_n[:, None] & dmask, other=0.0)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
@@ -175,7 +182,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
             dp = tl.where(_keep(seed, b, h, heads, own, offs_n, max_seqlen, dropout_p), dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + rows, (dq * scale).to(DQ.dtype.element_ty), mask=store_mask)
+    tl.store(DQ + first + rows, (dq * scale).to(DQ.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -256,11 +263,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _check_row_offsets(max_seqlen: int, *tensors: torch.Tensor) -> None:
+    """The kernels address rows within a sample in 32 bits (the sample's first row in 64)."""
+    widest = max(t.stride(0) for t in tensors)
+    if (max_seqlen + 64) * widest >= 2**31:  # a block may reach past the longest sample by up to 63 rows
+        raise ValueError(f"varlen_attention: max_seqlen={max_seqlen} rows of stride {widest} exceed the kernels' "
+                         f"32-bit offsets within a sample (at most {2**31 // widest - 64} rows)")
+
+
 def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int,
             launch: Launch | None = None):
     """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores. launch: forward_launch's
     rule unless given (benchmarks/tune_kernels.py sweeps it)."""
     q, k, v, cu_seqlens = _rows(q), _rows(k), _rows(v), cu_seqlens.contiguous()
+    _check_row_offsets(max_seqlen, q, k, v)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     out = torch.empty_like(q)
@@ -284,6 +300,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     grad_out = grad_out.contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
     out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
+    _check_row_offsets(max_seqlen, q, k, v, grad_out)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

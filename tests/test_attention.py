@@ -67,6 +67,17 @@ def test_strided_inputs_and_a_longer_max_seqlen():
         torch.testing.assert_close(g.double(), e, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_rows_beyond_32_bit_offsets_are_refused():
+    """The kernels address rows within a sample in 32 bits: a sample that could pass 2**31 elements is refused
+    before any launch, naming max_seqlen."""
+    base = torch.randn(4 * 4096)
+    q = base.as_strided((4, 1, 64), (4096, 64, 1))  # rows 4096 elements apart, as in a wide fused projection
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen=524288 rows of stride 4096"):
+        attention.varlen_attention(q, q, q, cu, 2**19, backend="triton")
+    assert attention.varlen_attention(q, q, q, cu, 4, backend="triton").shape == q.shape
+
+
 @pytest.mark.parametrize("launch", [(64, 32, 4, 2), (32, 32, 2, 1), (128, 128, 8, None)])
 def test_every_launch_gives_the_same_result(launch):
     """benchmarks/tune_kernels.py sweeps tiles, warps and stages: each must compute what the rule's launch does."""
