@@ -13,6 +13,8 @@ Implementations (the peers get padded (B, heads, N, d) inputs made outside the t
 - xformers          memory_efficient_attention with BlockDiagonalMask on the packed rows (the mask built outside
                     the timing, as Flex's), where xformers runs;
 - torch_ref         our reference path: pad, SDPA with the key mask, unpad (kernels.reference).
+--dropout p: attention dropout as in training (UNITER: 0.1) for ours, SDPA, xformers and the reference (Flex has
+none); outputs are then random, so err is not computed.
 Backward passes use torch.autograd.grad (no accumulation into .grad). UNITER_FAST_BACKEND is ignored here: each
 implementation names its backend. Useful TFLOP/s count real tokens only: 4 * sum(L_b^2) * d * heads forward, 3.5x that forward+backward.
 "err" is the largest |out - out_fp32| of each implementation against the fp32 reference on the same inputs
@@ -21,6 +23,7 @@ implementation names its backend. Useful TFLOP/s count real tokens only: 4 * sum
     python benchmarks/bench_attention.py                 # the default run (about a minute on an H100)
     python benchmarks/bench_attention.py --quick
     python benchmarks/bench_attention.py --quick --graph --batches uniter   # GPU time alone, host time removed
+    python benchmarks/bench_attention.py --quick --dropout 0.1 --batches uniter   # training's attention
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --cpu-smoke   # code paths on the CPU, tiny sizes
 """
 from __future__ import annotations
@@ -108,11 +111,12 @@ def _backward(out, inputs, grad, backward: bool):
     return out
 
 
-def ours(batch: Batch, backward: bool):
+def ours(batch: Batch, backward: bool, dropout: float):
     q, k, v = _with_grad(batch.packed, backward)
 
     def run():
-        out = attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, backend="triton")
+        out = attention.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, dropout_p=dropout,
+                                         backend="triton")
         return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
 
@@ -121,14 +125,14 @@ def _unpad(batch: Batch, out_padded: torch.Tensor) -> torch.Tensor:
     return reference.unpad_rows(out_padded.transpose(1, 2), batch.cu_seqlens, batch.packed[0].shape[0])
 
 
-def sdpa(batch: Batch, backward: bool, masked: bool):
+def sdpa(batch: Batch, backward: bool, masked: bool, dropout: float):
     import torch.nn.functional as F
 
     q, k, v = _with_grad(batch.padded, backward)
     mask = batch.key_mask if masked else None
 
     def run():
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return _backward(out, (q, k, v), batch.grad_padded, backward)
     return run, lambda: _unpad(batch, run())
 
@@ -140,7 +144,9 @@ class Flex:
         self.fn = None
         self.note = ""
 
-    def __call__(self, batch: Batch, backward: bool, name: str, allowed: list[str]):
+    def __call__(self, batch: Batch, backward: bool, name: str, allowed: list[str], dropout: float):
+        if dropout:
+            raise Skip("FlexAttention has no attention dropout")
         if name not in allowed:
             raise Skip(f"batch {name} not in --flex-batches (each shape compiles again)")
         try:
@@ -169,7 +175,7 @@ class Flex:
         return run, lambda: _unpad(batch, run())
 
 
-def xformers(batch: Batch, backward: bool):
+def xformers(batch: Batch, backward: bool, dropout: float):
     reason = attention_xformers.unavailable(batch.packed[0])
     if reason:
         raise Skip(reason)
@@ -178,16 +184,16 @@ def xformers(batch: Batch, backward: bool):
     scale = q.shape[-1] ** -0.5
 
     def run():
-        out = attention_xformers.attend(q, k, v, mask, dropout_p=0.0, softmax_scale=scale)
+        out = attention_xformers.attend(q, k, v, mask, dropout_p=dropout, softmax_scale=scale)
         return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
 
 
-def torch_ref(batch: Batch, backward: bool):
+def torch_ref(batch: Batch, backward: bool, dropout: float):
     q, k, v = _with_grad(batch.packed, backward)
 
     def run():
-        out = reference.varlen_attention_ref(q, k, v, batch.cu_seqlens, batch.max_len)
+        out = reference.varlen_attention_ref(q, k, v, batch.cu_seqlens, batch.max_len, dropout_p=dropout)
         return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
 
@@ -212,6 +218,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.0, help="attention dropout (training: 0.1); default none")
     p.add_argument("--graph", action="store_true",
                    help="time every implementation replayed from a CUDA graph: GPU time without the host's (a call "
                         "that cannot be captured says why in its row)")
@@ -232,10 +239,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pass_: str, device) -> None:
     backward = pass_ == "fwd_bwd"
     batch = make_batch(name, args.batch_size, HEADS[model], args.head_dim, DTYPES[args.dtype], device, args.seed)
+    p = args.dropout
     builders: dict[str, Callable] = {
-        "ours_triton": ours, "sdpa_mask": lambda b, bw: sdpa(b, bw, True),
-        "sdpa_padded": lambda b, bw: sdpa(b, bw, False),
-        "flex": lambda b, bw: flex(b, bw, name, args.flex_batches), "xformers": xformers, "torch_ref": torch_ref}
+        "ours_triton": lambda b, bw: ours(b, bw, p), "sdpa_mask": lambda b, bw: sdpa(b, bw, True, p),
+        "sdpa_padded": lambda b, bw: sdpa(b, bw, False, p),
+        "flex": lambda b, bw: flex(b, bw, name, args.flex_batches, p), "xformers": lambda b, bw: xformers(b, bw, p),
+        "torch_ref": lambda b, bw: torch_ref(b, bw, p)}
     rows = []
     for impl, build in builders.items():
         times, err, note = None, "", ""
@@ -243,7 +252,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
             run, output = build(batch, backward)
             with torch.enable_grad() if backward else torch.no_grad():
                 out = output()
-                err = f"{(out.float() - batch.expected).abs().max().item():.1e}"
+                err = "random" if p else f"{(out.float() - batch.expected).abs().max().item():.1e}"
                 times = timer(cuda_graph(run) if args.graph else run)
             note = flex.note if impl == "flex" else ""
         except Skip as why:
@@ -253,7 +262,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
         rows.append((impl, times, err, note))
     flop = batch.useful_flop(backward)
     pad = 1 - sum(batch.lens) / (len(batch.lens) * batch.max_len)
-    mode = " (CUDA graph replay)" if args.graph else ""
+    mode = (" (CUDA graph replay)" if args.graph else "") + (f" dropout {p}" if p else "")
     print(f"\n== {pass_}{mode}  {model} ({batch.heads} heads x {args.head_dim})  B={len(batch.lens)}  {name}  "
           f"N={batch.max_len} ({pad:.0%} padding)  {args.dtype}")
     print(f"{'impl':<14}{'median_us':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>9}{'err':>10}  speed-up of ours / note")
@@ -264,7 +273,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
         print(f"{impl:<14}{m:>11.1f}{quantile(times, 2):>10.1f}{quantile(times, 8):>10.1f}{flop / m / 1e6:>9.1f}"
               f"{err:>10}  {speedup} {note}".rstrip())
         if writer is not None:
-            writer.write(dict(case=f"{pass_}{' graph' if args.graph else ''} {model} {name}", impl=impl,
+            writer.write(dict(case=f"{pass_}{' graph' if args.graph else ''}{f' dropout={p}' if p else ''} {model} "
+                                   f"{name}", impl=impl,
                               B=len(batch.lens), dtype=args.dtype,
                               median_us=f"{m:.2f}", speedup_vs=vs,
                               notes=f"heads={batch.heads} d={args.head_dim} N={batch.max_len} tokens={sum(batch.lens)} "
