@@ -503,8 +503,9 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
       (fewest instructions per thread), a large one on the SMs' issue rate (fewest per problem). Not yet timed
       on a GPU: benchmarks/tune_kernels.py sweeps the options;
     - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
-      per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26), fp32 inputs 8
-      warps and 16 dims from the 64 x 128 tile up (fewer spill there on sm_90: cuobjdump)."""
+      per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26); fp32 products
+      (fp32 inputs, and fp16's backward: elem_bytes 4) 8 warps and 16 dims from the 64 x 128 tile up (without
+      spilling on sm_90: cuobjdump, benchmarks/compile_check.py)."""
     floor = 1 if dim is None else 16
     block_m = max(next_pow2(max(max_m, 1)), floor)
     block_n = max(next_pow2(max(max_n, 1)), floor)
@@ -546,6 +547,15 @@ def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     if dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 dot gives NaN (numpy has no bf16)
         return "ieee"
     return "tf32"
+
+
+def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.dtype,
+                    device: torch.device = torch.device("cpu")) -> tuple[dict, str]:
+    """The cosine backward's launch rule and its products' precision. Exact products run on the FMA units like
+    fp32 inputs', so they take fp32's launch (for fp16, 4 warps and 32 dims spilled 7.7 KB on sm_90)."""
+    precision = _dot_precision(dtype, True)
+    elem_bytes = 4 if precision == "ieee" else torch.empty(0, dtype=dtype).element_size()
+    return _config(batch, max_m, max_n, dim, elem_bytes, device), precision
 
 
 def _rows_args(rows: Rows, lens: torch.Tensor) -> tuple:
@@ -611,8 +621,8 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
     if batch == 0:
         return grad_text, grad_regions
-    config = _tuned(_config(batch, plan.shape[1], plan.shape[2], dim, text.data.element_size(), text.data.device),
-                    tune, dim)
+    rule, precision = backward_launch(batch, plan.shape[1], plan.shape[2], dim, text.data.dtype, text.data.device)
+    config = _tuned(rule, tune, dim)
     del config["COL_LANES"], config["SHRINK"]  # the forward's tile geometry: the backward's tiles are 2-D
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
@@ -620,6 +630,6 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         *_rows_args(text, text_lens), *_rows_args(regions, region_lens),
         grad_text, *gx.strides, grad_regions, *gy.strides,
         text_lens, region_lens, plan, *plan.stride(), grad_dist.float().contiguous(),
-        batch, dim, PACKED=text.starts is not None, DOT_PRECISION=_dot_precision(text.data.dtype, True), **config,
+        batch, dim, PACKED=text.starts is not None, DOT_PRECISION=precision, **config,
     )
     return grad_text, grad_regions

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Compile the kernels' launch variants for a GPU without one: compile errors, registers and spills.
+
+A device session is short, and a kernel that does not compile there (another Triton, another target) costs one.
+This compiles each variant the launchers produce at UNITER's shapes for --arch (sm_90 by default) with the
+Triton on the path (put another Triton first on PYTHONPATH to check that one: the device machine has 3.6),
+pointers 16-byte aligned as a launch specialises them. It prints registers, spill stack and shared memory per
+variant (from cuobjdump, shipped with Triton) and exits 1 if any variant fails to compile.
+
+    python benchmarks/compile_check.py                  # every variant (a few minutes on 2 cores)
+    python benchmarks/compile_check.py --only attention
+    PYTHONPATH=/tmp/triton-3.6 python benchmarks/compile_check.py
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from uniter_fast.kernels import attention_triton as attn
+from uniter_fast.kernels import ot_triton as ot
+
+UNITER_M, UNITER_N, UNITER_D, UNITER_L = 60, 100, 768, 160  # words, regions, region dims, longest sample
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOATS = {"scale", "tol", "scale_log2", "keep_scale"}  # fp32 scalars; every other non-pointer is an int
+INT64 = {"seed"}
+
+
+@dataclass
+class Variant:
+    name: str
+    kernel: object  # a triton.JITFunction
+    pointers: dict[str, str]  # pointer parameter -> element type ("fp32", "bf16", ...)
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 3
+    options: dict = field(default_factory=dict)
+
+
+def signature(v: Variant) -> tuple[dict, dict, dict]:
+    params = list(inspect.signature(v.kernel.fn).parameters)
+    sig = {}
+    for p in params:
+        if p in v.constexprs:
+            sig[p] = "constexpr"
+        elif p in v.pointers:
+            sig[p] = "*" + v.pointers[p]
+        else:
+            sig[p] = "fp32" if p in FLOATS else "i64" if p in INT64 else "i32"
+    constexprs = {(params.index(k),): value for k, value in v.constexprs.items() if k in params}
+    aligned = {(params.index(p),): [["tt.divisibility", 16]] for p in v.pointers if p in params}
+    return sig, constexprs, aligned
+
+
+def resources(cubin: bytes) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", out))
+    return f"regs {found.get('REG', '?'):>3}  stack {found.get('STACK', '?'):>5}"
+
+
+def ot_variants() -> list[Variant]:
+    out = []
+    lens = dict(text_lens_ptr="i64", region_lens_ptr="i64", x_starts_ptr="i64", y_starts_ptr="i64")
+    for batch in (256, 4096):  # below and above one program per SM: 8 and 4 warps for the 64 x 128 tile
+        rule = ot._config(batch, UNITER_M, UNITER_N, None, 4)
+        rule["num_warps"] = 8 if batch <= 256 else 4
+        for method, tol in (("ipot", False), ("ipot", True), ("ipot_log", False), ("sinkhorn_log", False)):
+            out.append(Variant(
+                f"ot cost {method}{' tol' if tol else ''} warps={rule['num_warps']}", ot._transport_kernel,
+                dict(cost_ptr="fp32", x_ptr="fp32", y_ptr="fp32", dist_ptr="fp32", plan_ptr="fp32",
+                     counts_ptr="i32", **lens),
+                dict(METHOD=ot.METHODS[method], FROM_VECTORS=False, PACKED=False, WRITE_PLAN=True, USE_TOL=tol,
+                     DOT_PRECISION="ieee", **_launch(rule)), rule["num_warps"]))
+    for dtype in ("fp32", "fp16", "bf16"):
+        rule = ot._config(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype].itemsize)
+        for packed in (False, True) if dtype == "bf16" else (False,):
+            out.append(Variant(
+                f"ot vectors {dtype}{' packed' if packed else ''}", ot._transport_kernel,
+                dict(cost_ptr="fp32", x_ptr=dtype, y_ptr=dtype, dist_ptr="fp32", plan_ptr="fp32", counts_ptr="i32",
+                     **lens),
+                dict(METHOD=0, FROM_VECTORS=True, PACKED=packed, WRITE_PLAN=True, USE_TOL=False,
+                     DOT_PRECISION=ot._dot_precision(DTYPES[dtype], False), **_launch(rule)), rule["num_warps"]))
+        grad_rule, precision = ot.backward_launch(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype])
+        grad_rule = {k: v for k, v in grad_rule.items() if k not in ("COL_LANES", "SHRINK")}
+        out.append(Variant(
+            f"ot cosine backward {dtype}", ot._cosine_grad_kernel,
+            dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", grad_ptr="fp32", **lens),
+            dict(PACKED=False, DOT_PRECISION=precision, **_launch(grad_rule)),
+            grad_rule["num_warps"]))
+    return out
+
+
+def _launch(rule: dict) -> dict:
+    return {k: v for k, v in rule.items() if k != "num_warps"}
+
+
+def attention_variants() -> list[Variant]:
+    out = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for head_dim in (32, 64, 128):
+            for dropout in (False, True):
+                fwd, bwd = attn.forward_launch(UNITER_L, head_dim), attn.backward_launch(UNITER_L, head_dim)
+                flags = dict(BLOCK_D=attn._block_d(head_dim), **attn._flags(DTYPES[dtype], 0.1 if dropout else 0.0))
+                tag = f"{dtype} d={head_dim}{' dropout' if dropout else ''}"
+                out.append(Variant(
+                    f"attention forward {tag}", attn._fwd_kernel,
+                    dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE="fp32", CU="i32"),
+                    dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, **flags), fwd.num_warps, fwd.num_stages or 3))
+                out.append(Variant(
+                    f"attention backward {tag}", attn._bwd_kernel,
+                    dict(Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE="fp32",
+                         DELTA="fp32", CU="i32"),
+                    dict(BLOCK=bwd.block_m, **flags), bwd.num_warps, bwd.num_stages or 3))
+        out.append(Variant(f"attention delta {dtype}", attn._delta_kernel,
+                           dict(O=dtype, DO=dtype, DELTA="fp32"), dict(BLOCK_T=64, BLOCK_D=64)))
+    out.append(Variant("attention keep mask", attn._keep_mask_kernel, dict(OUT="i8", CU="i32"),
+                       dict(BLOCK=attn._block(UNITER_L))))
+    return out
+
+
+def compile_one(v: Variant, arch: int) -> str:
+    sig, constexprs, aligned = signature(v)
+    src = ASTSource(fn=v.kernel, signature=sig, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+    return f"{resources(compiled.asm['cubin'])}  shared {compiled.metadata.shared:>6}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, H200)")
+    p.add_argument("--only", choices=["ot", "attention"], default=None)
+    args = p.parse_args(argv)
+    variants = ([] if args.only == "attention" else ot_variants()) + ([] if args.only == "ot" else attention_variants())
+    print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)}), sm_{args.arch}, "
+          f"{len(variants)} variants")
+    failed, start = [], time.perf_counter()
+    for v in variants:
+        t = time.perf_counter()
+        try:
+            result = compile_one(v, args.arch)
+        except Exception as err:  # every variant is tried; the failures are listed at the end
+            failed.append(v.name)
+            result = f"FAILED: {type(err).__name__}: {str(err).strip().splitlines()[-1][:150]}"
+            traceback.print_exc(limit=1)
+        print(f"{v.name:<44} warps {v.num_warps}  {result}  ({time.perf_counter() - t:.1f} s)")
+        sys.stdout.flush()
+    print(f"\ncompile_check: {len(variants) - len(failed)} of {len(variants)} compiled in "
+          f"{time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
