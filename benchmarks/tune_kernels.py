@@ -5,12 +5,13 @@ What it times (kernel calls only, no validation or autograd; harness.Timer, L2 f
 - attention forward and backward, base shapes (B=128, 12 heads x 64, UNITER lengths, bf16), for each
   attention_triton.Launch in ATTN_FORWARD / ATTN_BACKWARD;
 - OT: IPOT (50 iterations) from an fp32 cost at B in --ot-sizes, the fused-cosine forward and the cosine
-  backward from bf16 vectors (D=768) at B=1024, for each override of ot_triton._config's rule in OT_*.
+  backward from bf16 vectors (D=768) at B=1024, for each override of ot_triton._config's rule in OT_*, and from
+  fp32 vectors with exact products against tf32x3 (OT_FP32).
 Each row prints the median, the ratio to the rule's own launch ("rule") and the largest difference of the
 result from the rule's (a launch that breaks the kernel shows there). Nothing is written to results.csv: the
 chosen rule is measured by bench_attention.py and bench_ot.py.
 
-    python benchmarks/tune_kernels.py                    # 30-80 s on an H200, compiles included
+    python benchmarks/tune_kernels.py                    # 30-80 s on an H200 before the fp32 and SHRINK sweeps
     TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --cpu-smoke
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ OT_COST = [{}, {"num_warps": 8}, {"num_warps": 4}, {"num_warps": 2}, {"PROBS": 2
 OT_BACKWARD = [{}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64}, {"num_warps": 2}, {"num_stages": 2},
                {"num_stages": 4}]
 OT_VECTORS = OT_BACKWARD + [{"SHRINK": False}]
+OT_FP32 = [{}, {"DOT_PRECISION": "tf32x3"}]  # fp32 vectors: exact products against three tensor-core ones
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,17 +107,19 @@ def tune_ot(args, timer: Timer, device) -> None:
         sweep(f"ot ipot from a cost  B={B} fp32  rule {rule}", timer, costs,
               lambda tune: ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
     B = args.ot_sizes[-1] if args.cpu_smoke else 1024
-    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
-    prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
-    text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
-    vectors = OT_VECTORS[:2] if args.cpu_smoke else OT_VECTORS
-    rule = ot._config(B, shape.M, shape.N, shape.D, prob.text.element_size(), device)
-    sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
-          lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
-    _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True)
-    sweep(f"ot cosine backward  B={B} D={shape.D} {dtype}", timer, OT_BACKWARD[:2] if args.cpu_smoke else OT_BACKWARD,
-          lambda tune: ot.cosine_backward(text, regions, prob.text_lens, prob.region_lens, plan, prob.signs,
-                                          tune=tune))
+    dtypes = {torch.float32: (OT_VECTORS[:2], OT_BACKWARD[:2])} if args.cpu_smoke else {
+        torch.bfloat16: (OT_VECTORS, OT_BACKWARD), torch.float32: (OT_FP32, OT_FP32)}
+    for dtype, (vectors, backwards) in dtypes.items():
+        prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
+        text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
+        rule = ot._config(B, shape.M, shape.N, shape.D, prob.text.element_size(), device)
+        sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
+              lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve,
+                                                tune=tune)[0])
+        _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True)
+        sweep(f"ot cosine backward  B={B} D={shape.D} {dtype}", timer, backwards,
+              lambda tune: ot.cosine_backward(text, regions, prob.text_lens, prob.region_lens, plan, prob.signs,
+                                              tune=tune))
 
 
 def main(argv=None) -> int:

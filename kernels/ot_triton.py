@@ -530,6 +530,8 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
     if lanes not in (1, 2, 4, 8, 16, 32) or lanes > config["BLOCK_N"]:
         raise ValueError(f"tune={tune}: COL_LANES must be a power of two from 1 to min(32, BLOCK_N="
                          f"{config['BLOCK_N']})")
+    if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"tune={tune}: DOT_PRECISION must be ieee, tf32 or tf32x3")
     smallest = 16 if dim is not None else 1  # tl.dot's least side
     if config["SHRINK"] and (config["PROBS"] != 1 or config["BLOCK_N"] // 2 < max(lanes, smallest)
                              or config["BLOCK_M"] // 2 < smallest):
@@ -539,7 +541,8 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
 
 
 def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
-    """fp32 inputs: exact products ("ieee"; tf32 would cost the cosine three digits). bf16: tensor cores, bf16
+    """fp32 inputs: exact products ("ieee"; tf32 would cost the cosine three digits; "tf32x3", three tensor-core
+    products with about fp32's error, is swept by tune_kernels: it compiles without spilling on sm_90). bf16: tensor cores, bf16
     operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16 operands forward, exact
     backward (tf32 is no finer than the fp16 gradient it would feed)."""
     if dtype == torch.float32 or (backward and dtype == torch.float16):
@@ -592,7 +595,7 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
         batch, max_m, max_n, dim or 0, solve.iterations, inner, float(solve.scale), float(solve.tol or 0.0),
         METHOD=METHODS[solve.method], FROM_VECTORS=cost is None, PACKED=text is not None and text.starts is not None,
         WRITE_PLAN=want_plan, USE_TOL=solve.tol is not None,
-        DOT_PRECISION=_dot_precision((cost if cost is not None else text.data).dtype, False), **config,
+        DOT_PRECISION=config.pop("DOT_PRECISION", _dot_precision(data.dtype, False)), **config,
     )
     return dist, plan, counts
 
@@ -623,6 +626,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         return grad_text, grad_regions
     rule, precision = backward_launch(batch, plan.shape[1], plan.shape[2], dim, text.data.dtype, text.data.device)
     config = _tuned(rule, tune, dim)
+    precision = config.pop("DOT_PRECISION", precision)
     del config["COL_LANES"], config["SHRINK"]  # the forward's tile geometry: the backward's tiles are 2-D
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)

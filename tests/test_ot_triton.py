@@ -216,11 +216,13 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
     text, regions, text_lens, region_lens = vectors(SIZES_B, gen=gen, dim=20, dtype=torch.float32)
     rows = kernels.Rows(text), kernels.Rows(regions)
     dist, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve)
-    for tune in ({"BLOCK_D": 16}, {"COL_LANES": 1}):
+    for tune in ({"BLOCK_D": 16}, {"COL_LANES": 1}, {"DOT_PRECISION": "tf32x3"}):
         dist2, _, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune=tune)
         torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
     with pytest.raises(ValueError, match="PROBS=1"):
         kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"PROBS": 2})
+    with pytest.raises(ValueError, match="DOT_PRECISION"):
+        kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"DOT_PRECISION": "fp8"})
     with pytest.raises(ValueError, match="COL_LANES"):
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"COL_LANES": 3})
 
