@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the gpu-marked tests, every benchmark script, and a short bf16 pre-training run through
 # DeepSpeed, in under 6 minutes (each step has its own time limit); logs go to $OUT (or ./gpu_check_logs).
-# --tune: then the extras too (about 4 minutes more): the launch sweeps of benchmarks/tune_kernels.py, attention
+# --tune: then the extras too (about 5 minutes more): the launch sweeps of benchmarks/tune_kernels.py, attention
 #         with training's dropout, and the base encoder against the compiled BertModel with a profile of our step.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 set -uo pipefail
@@ -16,7 +16,7 @@ python -m uniter_fast.cli env 2>&1 | tee -a "$out/env.log"
 # a test module whose CPU-only imports the device lacks (lz4 for the converters) must not stop the gpu tests;
 # compiling the kernels' variants is most of their time (9 tests in 80 s on one core): 8 workers share it
 extras() {
-    timeout 100 python benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
+    timeout 150 python benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
     timeout 40 python benchmarks/bench_attention.py --quick --dropout 0.1 --batches uniter 2>&1 \
         | tee -a "$out/bench_attention.log"
     timeout 120 python benchmarks/bench_layer.py --models base --profile 2>&1 | tee -a "$out/bench_layer.log"
