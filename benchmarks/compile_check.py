@@ -115,7 +115,8 @@ def attention_variants() -> list[Variant]:
     for dtype in ("fp32", "fp16", "bf16"):
         for head_dim in (32, 64, 128):
             for dropout in (False, True):
-                fwd, bwd = attn.forward_launch(UNITER_L, head_dim), attn.backward_launch(UNITER_L, head_dim)
+                fwd = attn.forward_launch(UNITER_L, head_dim, DTYPES[dtype])
+                bwd = attn.backward_launch(UNITER_L, head_dim, DTYPES[dtype])
                 flags = dict(BLOCK_D=attn._block_d(head_dim), **attn._flags(DTYPES[dtype], 0.1 if dropout else 0.0))
                 tag = f"{dtype} d={head_dim}{' dropout' if dropout else ''}"
                 out.append(Variant(

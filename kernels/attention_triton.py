@@ -237,18 +237,34 @@ def _block(max_seqlen: int) -> int:
     return min(64, max(16, next_pow2(max(max_seqlen, 1))))
 
 
-def forward_launch(max_seqlen: int, head_dim: int) -> Launch:
+def _fma_launch(max_seqlen: int, dtype: torch.dtype) -> Launch | None:
+    """fp32 inputs on a GPU take exact products on the FMA units, which hold their tiles in registers: 32 x 32
+    tiles on 8 warps, where the 16-bit launches spilled 2.8 KB (backward, head_dim 64) to 17 KB (128) per thread
+    on sm_90 (benchmarks/compile_check.py, Triton 3.6). Under the interpreter the launch changes nothing."""
+    if dtype != torch.float32 or interpreting():
+        return None
+    block = min(32, _block(max_seqlen))
+    return Launch(block, block, num_warps=8)
+
+
+def forward_launch(max_seqlen: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> Launch:
     """Key blocks of 32 and 3 stages up to head_dim 64: at UNITER-base shapes on an H200 (tune_kernels.py,
     2026-11-26) 64 x 32 tiles ran 1.04-1.05x faster than 64 x 64 with 2 stages (two sweeps), 1.15x with 3 (one)."""
+    fma = _fma_launch(max_seqlen, dtype)
+    if fma is not None:
+        return fma
     block = _block(max_seqlen)
     if head_dim <= 64:
         return Launch(block, min(block, 32), num_warps=4, num_stages=3)
     return Launch(block, block)
 
 
-def backward_launch(max_seqlen: int, head_dim: int) -> Launch:
+def backward_launch(max_seqlen: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> Launch:
     """One pipeline stage: 1.07x faster than triton's default at UNITER-base shapes on an H200
-    (benchmarks/tune_kernels.py, 2026-11-26); 8 warps or 32-row blocks ran 1.2-1.8x slower."""
+    (benchmarks/tune_kernels.py, 2026-11-26); 8 warps or 32-row blocks ran 1.2-1.8x slower (bf16)."""
+    fma = _fma_launch(max_seqlen, dtype)
+    if fma is not None:
+        return fma
     block = _block(max_seqlen)
     return Launch(block, block, num_warps=4, num_stages=1)
 
@@ -293,7 +309,7 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_
     batch = cu_seqlens.shape[0] - 1
     out = torch.empty_like(q)
     lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
-    launch = launch or forward_launch(max_seqlen, head_dim)
+    launch = launch or forward_launch(max_seqlen, head_dim, q.dtype)
     grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     if batch == 0 or total == 0:
         return out, lse
@@ -322,7 +338,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     _delta_kernel[(cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
                                                    grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
                                                    BLOCK_D=_block_d(head_dim))
-    launch = launch or backward_launch(max_seqlen, head_dim)
+    launch = launch or backward_launch(max_seqlen, head_dim, q.dtype)
     assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
     grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     _bwd_kernel[grid](
