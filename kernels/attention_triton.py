@@ -1,8 +1,9 @@
 """Triton kernels for variable-length bidirectional attention over packed samples, and their launchers.
 
 Layout: q, k, v, out are (total, heads, head_dim) with the last dim contiguous (head_dim <= 128, padded on chip to
-a power of two >= 16); sample b owns rows cu_seqlens[b] .. cu_seqlens[b+1]. The grid is (query or key blocks of the longest sample, samples, heads); a program
-past its sample's length returns at once, so nothing is computed on padding and nothing crosses samples.
+a power of two >= 16); sample b owns rows cu_seqlens[b] .. cu_seqlens[b+1]. The grid is (query or key blocks of
+the longest sample, samples, heads); a program past its sample's length returns at once, so nothing is computed
+on padding and nothing crosses samples.
 - Forward: FlashAttention-2's online softmax in base 2; saves only the log-sum-exp (base 2, fp32, (total, heads)).
 - Backward: one program per (block, sample, head) computes dK and dV of its key block (looping over the query
   blocks), then dQ of its query block (looping over the key blocks): no atomics, so it is deterministic.

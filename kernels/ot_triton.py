@@ -353,23 +353,22 @@ def _transport_kernel(
             B, M, N, D, iterations, k, scale, tol)
     if SHRINK:
         if tl.load(text_lens_ptr + pid) <= BLOCK_M // 2:
-            _shrink_columns(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M // 2,
-                            BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
+            _shrink_columns(pid, args, region_lens_ptr, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS,
+                            BLOCK_M // 2, BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
         else:
-            _shrink_columns(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M,
-                            BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
+            _shrink_columns(pid, args, region_lens_ptr, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS,
+                            BLOCK_M, BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
     else:
         _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N, BLOCK_D,
                     COL_LANES, DOT_PRECISION)
 
 
 @triton.jit
-def _shrink_columns(pid, args, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
-                    WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr,
+def _shrink_columns(pid, args, region_lens_ptr, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr,
+                    PACKED: tl.constexpr, WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
     """_solve_tile on BLOCK_N // 2 columns when problem pid has no more regions than that."""
-    region_lens_ptr = args[15]
     if tl.load(region_lens_ptr + pid) <= BLOCK_N // 2:
         _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N // 2,
                     BLOCK_D, COL_LANES, DOT_PRECISION)
@@ -518,7 +517,8 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
     elements = probs * block_m * block_n
     per_thread = 64 if batch > _sm_count(device) else 32
     return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, COL_LANES=min(COL_LANES, block_n),
-                SHRINK=probs == 1 and min(block_m, block_n) >= 32, num_warps=min(max(elements // (32 * per_thread), 1), 16))
+                SHRINK=probs == 1 and min(block_m, block_n) >= 32,
+                num_warps=min(max(elements // (32 * per_thread), 1), 16))
 
 
 def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
@@ -542,9 +542,9 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
 
 def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     """fp32 inputs: exact products ("ieee"; tf32 would cost the cosine three digits; "tf32x3", three tensor-core
-    products with about fp32's error, is swept by tune_kernels: it compiles without spilling on sm_90). bf16: tensor cores, bf16
-    operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16 operands forward, exact
-    backward (tf32 is no finer than the fp16 gradient it would feed)."""
+    products with about fp32's error, is swept by tune_kernels: it compiles without spilling on sm_90).
+    bf16: tensor cores, bf16 operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16
+    operands forward, exact backward (tf32 is no finer than the fp16 gradient it would feed)."""
     if dtype == torch.float32 or (backward and dtype == torch.float16):
         return "ieee"
     if dtype == torch.bfloat16 and interpreting():  # the interpreter's bf16 dot gives NaN (numpy has no bf16)
