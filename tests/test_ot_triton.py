@@ -258,6 +258,21 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
     torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(plan, full_plan, rtol=1e-5, atol=1e-9)  # another summation order
     assert bool((plan[pad_mask(plan, text_lens, region_lens)] == 0).all())
+    # with a tolerance, each problem stops on its own iteration on either tile
+    tol_solve = kernels.Solve(method, scale=2.0, iterations=30, tol=1e-3)
+    dist, _, counts = kernels.transport_vectors(*rows, text_lens, region_lens, tol_solve)
+    full, _, full_counts = kernels.transport_vectors(*rows, text_lens, region_lens, tol_solve, tune={"SHRINK": False})
+    assert torch.equal(counts, full_counts) and int(counts.max()) < 30
+    torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
+    # packed rows, as the encoder's output: the same problems on their half tiles
+    packed = [torch.cat([side[b, :n] for b, n in enumerate(lens)]) for side, lens in ((text, text_lens),
+                                                                                      (regions, region_lens))]
+    starts = [torch.cumsum(lens, 0) - lens for lens in (text_lens, region_lens)]
+    packed_rows = (kernels.Rows(packed[0], starts[0], text.shape[1]),
+                   kernels.Rows(packed[1], starts[1], regions.shape[1]))
+    dist, _, counts = kernels.transport_vectors(*packed_rows, text_lens, region_lens, tol_solve)
+    assert torch.equal(counts, full_counts)
+    torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="SHRINK needs PROBS=1"):
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
