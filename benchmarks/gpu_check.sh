@@ -4,6 +4,10 @@
 # --tune: then the extras too (about 5 minutes more): the launch sweeps of benchmarks/tune_kernels.py, attention
 #         with training's dropout, and the base encoder against the compiled BertModel with a profile of our step.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
+# Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
+# .whl/), then `pip download pytest-xdist execnet --no-deps -d .whl` (the gpu tests' 8 workers: without xdist they
+# run one at a time and rarely finish in their 100 s), and `python benchmarks/compile_check.py` with the device's
+# Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_logs}"
@@ -27,6 +31,7 @@ if [ "${1:-}" = "--tune-only" ]; then
     exit 0
 fi
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+[ -n "$workers" ] || echo "gpu_check: no pytest-xdist here: the gpu tests run one at a time" | tee -a "$out/env.log"
 timeout 100 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
 pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true  # workers a timeout leaves would share the GPU with the benchmarks
 # seconds and arguments per benchmark: the sum stays inside the 6 minutes
