@@ -603,7 +603,8 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
 def transport_cost(cost: torch.Tensor, text_lens: torch.Tensor, region_lens: torch.Tensor, solve: Solve,
                    *, want_plan: bool = False, tune: dict | None = None):
     """(dist (B,) fp32, plan (B, M, N) fp32 or None, counts (B,) int32 or None) from a cost (B, M, N).
-    tune: launch parameters (PROBS, num_warps, num_stages...) over _config's rule (benchmarks/tune_kernels.py)."""
+    tune: launch parameters (PROBS, COL_LANES, SHRINK, DOT_PRECISION, num_warps...) over _config's rule
+    (benchmarks/tune_kernels.py)."""
     return _forward(cost, None, None, text_lens, region_lens, solve, want_plan, tune)
 
 
