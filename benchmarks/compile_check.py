@@ -9,6 +9,7 @@ variant (from cuobjdump, shipped with Triton) and exits 1 if any variant fails t
 
     python benchmarks/compile_check.py                  # every variant (a few minutes on 2 cores)
     python benchmarks/compile_check.py --only attention
+    python benchmarks/compile_check.py --match "attention forward bf16" --match "ot cost ipot warps=4"
     PYTHONPATH=/tmp/triton-3.6 python benchmarks/compile_check.py
 """
 from __future__ import annotations
@@ -24,13 +25,15 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # before triton loads: compiling needs its JIT, not the interpreter
 
-from uniter_fast.kernels import attention_triton as attn
-from uniter_fast.kernels import ot_triton as ot
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from uniter_fast.kernels import attention_triton as attn  # noqa: E402
+from uniter_fast.kernels import ot_triton as ot  # noqa: E402
 
 UNITER_M, UNITER_N, UNITER_D, UNITER_L = 60, 100, 768, 160  # words, regions, region dims, longest sample
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -147,8 +150,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, H200)")
     p.add_argument("--only", choices=["ot", "attention"], default=None)
+    p.add_argument("--match", action="append", default=[], help="only variants whose name contains this (repeatable)")
     args = p.parse_args(argv)
     variants = ([] if args.only == "attention" else ot_variants()) + ([] if args.only == "ot" else attention_variants())
+    if args.match:
+        variants = [v for v in variants if any(m in v.name for m in args.match)]
+        if not variants:
+            p.error(f"no variant matches {args.match}")
     print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)}), sm_{args.arch}, "
           f"{len(variants)} variants")
     failed, start = [], time.perf_counter()
