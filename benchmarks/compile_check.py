@@ -4,12 +4,16 @@
 A device session is short, and a kernel that does not compile there (another Triton, another target) costs one.
 This compiles each variant the launchers produce at UNITER's shapes for --arch (sm_90 by default) with the
 Triton on the path (put another Triton first on PYTHONPATH to check that one: the device machine has 3.6),
-pointers 16-byte aligned as a launch specialises them. It prints registers, spill stack and shared memory per
-variant (from cuobjdump, shipped with Triton) and exits 1 if any variant fails to compile.
+pointers 16-byte aligned and the integers that are multiples of 16 at those shapes (strides of 768-wide rows, head
+dims) marked so, as a launch specialises them. It prints registers, spill stack and shared memory per variant (from
+cuobjdump, shipped with Triton) and exits 1 if any variant fails to compile. --sass also prints, per loop of the
+compiled code (a backward branch and its body), the instructions in it and the most frequent opcodes: the counts
+in RESULTS.md come from there.
 
     python benchmarks/compile_check.py                  # every variant (a few minutes on 2 cores)
     python benchmarks/compile_check.py --only attention
     python benchmarks/compile_check.py --match "attention forward bf16" --match "ot cost ipot warps=4"
+    python benchmarks/compile_check.py --match "attention forward bf16 d=64" --sass
     PYTHONPATH=/tmp/triton-3.6 python benchmarks/compile_check.py
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton loads: compiling needs its JIT, not the interpreter
@@ -38,6 +43,10 @@ from uniter_fast.kernels import ot_triton as ot  # noqa: E402
 UNITER_M, UNITER_N, UNITER_D, UNITER_L = 60, 100, 768, 160  # words, regions, region dims, longest sample
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOATS = {"scale", "tol", "scale_log2", "keep_scale"}  # fp32 scalars; every other non-pointer is an int
+# integers a UNITER launch passes as multiples of 16 (Triton specialises those): row strides of 768-wide rows,
+# per-head strides and head dims (attention), the vectors' width and row strides (OT)
+MULTIPLES_OF_16 = {"stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_dot", "stride_qh", "stride_kh",
+                   "stride_vh", "stride_oh", "stride_doh", "head_dim", "D", "s_xr", "s_yr", "s_gxr", "s_gyr"}
 INT64 = {"seed"}
 
 
@@ -63,18 +72,40 @@ def signature(v: Variant) -> tuple[dict, dict, dict]:
         else:
             sig[p] = "fp32" if p in FLOATS else "i64" if p in INT64 else "i32"
     constexprs = {(params.index(k),): value for k, value in v.constexprs.items() if k in params}
-    aligned = {(params.index(p),): [["tt.divisibility", 16]] for p in v.pointers if p in params}
+    specialised = [p for p in params if (p in v.pointers or p in MULTIPLES_OF_16) and p not in v.constexprs]
+    aligned = {(params.index(p),): [["tt.divisibility", 16]] for p in specialised}
     return sig, constexprs, aligned
 
 
-def resources(cubin: bytes) -> str:
+def cuobjdump(cubin: bytes, flag: str) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    found = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", out))
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def resources(cubin: bytes) -> str:
+    found = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", cuobjdump(cubin, "--dump-resource-usage")))
     return f"regs {found.get('REG', '?'):>3}  stack {found.get('STACK', '?'):>5}"
+
+
+def loops(cubin: bytes) -> list[tuple[int, Counter]]:
+    """(instructions, opcode counts) of each loop: the code from a backward branch's target to the branch. A branch
+    back across several loops' code (as around the half-tile branches) counts as a loop too: read with the source."""
+    code = []  # (address, opcode)
+    for line in cuobjdump(cubin, "-sass").splitlines():
+        found = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if found:
+            code.append((int(found.group(1), 16), found.group(2)))
+    out = []
+    for line in cuobjdump(cubin, "-sass").splitlines():
+        branch = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA (0x[0-9a-f]+)", line)
+        if branch and int(branch.group(2), 16) < int(branch.group(1), 16):
+            start, end = int(branch.group(2), 16), int(branch.group(1), 16)
+            body = Counter(op for address, op in code if start <= address <= end)
+            out.append((sum(body.values()), body))
+    return out
 
 
 def ot_variants() -> list[Variant]:
@@ -138,12 +169,17 @@ def attention_variants() -> list[Variant]:
     return out
 
 
-def compile_one(v: Variant, arch: int) -> str:
+def compile_one(v: Variant, arch: int, sass: bool = False) -> str:
     sig, constexprs, aligned = signature(v)
     src = ASTSource(fn=v.kernel, signature=sig, constexprs=constexprs, attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
-    return f"{resources(compiled.asm['cubin'])}  shared {compiled.metadata.shared:>6}"
+    report = f"{resources(compiled.asm['cubin'])}  shared {compiled.metadata.shared:>6}"
+    if sass:
+        for count, body in loops(compiled.asm["cubin"]):
+            top = ", ".join(f"{op} {n}" for op, n in body.most_common(8))
+            report += f"\n    loop of {count} instructions: {top}"
+    return report
 
 
 def main(argv=None) -> int:
@@ -151,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100, H200)")
     p.add_argument("--only", choices=["ot", "attention"], default=None)
     p.add_argument("--match", action="append", default=[], help="only variants whose name contains this (repeatable)")
+    p.add_argument("--sass", action="store_true", help="also each loop's instruction count and commonest opcodes")
     args = p.parse_args(argv)
     variants = ([] if args.only == "attention" else ot_variants()) + ([] if args.only == "ot" else attention_variants())
     if args.match:
@@ -163,7 +200,7 @@ def main(argv=None) -> int:
     for v in variants:
         t = time.perf_counter()
         try:
-            result = compile_one(v, args.arch)
+            result = compile_one(v, args.arch, args.sass)
         except Exception as err:  # every variant is tried; the failures are listed at the end
             failed.append(v.name)
             result = f"FAILED: {type(err).__name__}: {str(err).strip().splitlines()[-1][:150]}"
