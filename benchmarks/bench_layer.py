@@ -120,9 +120,24 @@ class Case:
                 "hf_eager": lambda: self.hf(False), "hf_compile": lambda: self.hf(True)}[impl]()
 
 
+# kernel-name fragments per kind, for the profile's summary (first match wins; the rest is "other")
+KERNEL_KINDS = {
+    "matrix products": ("gemm", "xmma", "nvjet", "cutlass", "cublas"),
+    "our attention (Triton)": ("_fwd_kernel", "_bwd_kernel", "_delta_kernel"),
+    "layer norm": ("layer_norm", "layernorm"),
+    "dropout": ("dropout", "bernoulli"),
+    "GELU": ("gelu",),
+    "copies, casts, fills": ("copy", "cast", "fill", "cat"),
+    "other elementwise": ("elementwise",),
+    "reductions": ("reduce",),
+}
+
+
 def profile_step(run, device, steps: int = 3) -> None:
     """Where one step of `run` goes: its wall time against the sum of its kernels' time (a step far longer than
-    its kernels waits on the host), then the ops and kernels that take the most."""
+    its kernels waits on the host), the kernels' time by kind, then the ops and kernels that take the most."""
+    from torch.autograd import DeviceType
+
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -136,9 +151,19 @@ def profile_step(run, device, steps: int = 3) -> None:
         sync()
         wall_us = (time.perf_counter() - start) / steps * 1e6
     events = prof.key_averages()
-    kernels_us = sum(e.self_device_time_total for e in events) / steps
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels only: ops would count them again
+    kernels_us = sum(e.self_device_time_total for e in kernels) / steps
     print(f"\n== profile of ours_triton ({steps} steps): wall {wall_us / 1e3:.2f} ms per step under the profiler, "
           f"kernels {kernels_us / 1e3:.2f} ms ({kernels_us / wall_us:.0%} of the wall)")
+    if kernels:
+        kinds: dict[str, list[float]] = {}
+        for e in kernels:
+            kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in e.key.lower() for f in frags)), "other")
+            kinds.setdefault(kind, [0.0, 0])
+            kinds[kind][0] += e.self_device_time_total / steps
+            kinds[kind][1] += e.count // steps
+        for kind, (us, launches) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {kind:<24}{us / 1e3:>8.2f} ms  {us / kernels_us:>5.0%}  {launches:>5} launches per step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
     if device.type == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=15))
