@@ -285,10 +285,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opened = open_run("bench_attention", args)
-    if opened is None:
-        return 2
-    device, timer, writer = opened
+    device, timer, writer = open_run("bench_attention", args)
     print(f"models {args.models}, batches {args.batches}, B={args.batch_size}, {args.dtype}, passes {args.passes}")
     if args.cpu_smoke:
         print("cpu smoke: tiny sizes, interpreter, times mean nothing")

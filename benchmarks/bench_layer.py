@@ -194,10 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opened = open_run("bench_layer", args)
-    if opened is None:
-        return 2
-    device, timer, writer = opened
+    device, timer, writer = open_run("bench_layer", args)
     print(f"models {args.models}, B={args.batch_size}, {'fp32 (cpu smoke)' if args.cpu_smoke else 'bf16 autocast'}, "
           "dropout on, forward+backward")
     start = time.perf_counter()

@@ -64,10 +64,10 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def open_run(bench: str, args) -> "tuple[torch.device, Timer, CsvWriter | None] | None":
+def open_run(bench: str, args) -> "tuple[torch.device, Timer, CsvWriter | None]":
     """A GPU benchmark's device, timer and results file (args: cpu_smoke, reps, warmup, csv); prints the header's
-    start. None, after saying why, without CUDA and without --cpu-smoke. UNITER_FAST_BACKEND is cleared: it would
-    override the backend each implementation names."""
+    start. Without CUDA and without --cpu-smoke it says why and exits with status 2. UNITER_FAST_BACKEND is
+    cleared: it would override the backend each implementation names."""
     os.environ.pop("UNITER_FAST_BACKEND", None)
     if args.cpu_smoke:
         device = torch.device("cpu")
@@ -76,7 +76,7 @@ def open_run(bench: str, args) -> "tuple[torch.device, Timer, CsvWriter | None] 
     else:
         print(f"{bench}: no CUDA device here; pass --cpu-smoke (with TRITON_INTERPRET=1) to check the code paths on "
               "the CPU.", file=sys.stderr)
-        return None
+        raise SystemExit(2)
     writer = CsvWriter(args.csv, bench, device) if args.csv is not None else None
     print(f"{bench}: {device_name(device)}, torch {torch.__version__}, triton {triton_version()}", end="; ")
     return device, Timer(device, args.reps, args.warmup), writer

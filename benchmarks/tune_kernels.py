@@ -124,10 +124,7 @@ def tune_ot(args, timer: Timer, device) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opened = open_run("tune_kernels", args)
-    if opened is None:
-        return 2
-    device, timer, _ = opened
+    device, timer, _ = open_run("tune_kernels", args)
     print(f"parts {args.parts}")
     start = time.perf_counter()
     with torch.no_grad():
