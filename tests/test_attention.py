@@ -376,6 +376,79 @@ def test_training_with_attention_dropout_in_the_kernel_follows_the_reference():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# torch.compile: the kernels as custom ops, the code around them traced in one graph
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _compiled(fn, backend="aot_eager"):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend=backend, fullgraph=True)  # fullgraph: a graph break fails the test
+
+
+def _attend_and_grads(fn, q, k, v, cu, grad, **kwargs):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, cu, max(cu.diff().tolist()), **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+def _triton_attention(q, k, v, cu, max_seqlen, dropout_p=0.0):
+    return attention.varlen_attention(q, k, v, cu, max_seqlen, dropout_p=dropout_p, backend="triton")
+
+
+def test_compiled_attention_equals_eager_in_one_graph_across_batch_shapes():
+    compiled = _compiled(_triton_attention)
+    for lens, seed in ((LENS, 0), ([9, 2, 30], 1), ([4, 4, 0, 12, 1], 2)):  # new totals and max_seqlen: no break
+        q, k, v, cu = packed(lens, dtype=torch.float32, seed=seed)
+        grad = torch.randn_like(q)
+        for ours, eager in zip(_attend_and_grads(compiled, q, k, v, cu, grad),
+                               _attend_and_grads(_triton_attention, q, k, v, cu, grad)):
+            torch.testing.assert_close(ours, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_compiled_attention_draws_its_dropout_like_eager():
+    """The seed is drawn in the graph from torch's generator: the same manual_seed gives eager's masks."""
+    compiled = _compiled(_triton_attention)
+    q, k, v, cu = packed([12, 7, 1], dtype=torch.float32)
+    grad = torch.randn_like(q)
+    torch.manual_seed(4)
+    ours = _attend_and_grads(compiled, q, k, v, cu, grad, dropout_p=0.3)
+    torch.manual_seed(4)
+    eager = _attend_and_grads(_triton_attention, q, k, v, cu, grad, dropout_p=0.3)
+    for a, b in zip(ours, eager):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert not torch.equal(ours[0], _attend_and_grads(compiled, q, k, v, cu, grad, dropout_p=0.3)[0])  # new seed
+
+
+def test_compiled_attention_refuses_bad_offsets_naming_them():
+    compiled = _compiled(_triton_attention)
+    q, k, v, cu = packed([5, 3], dtype=torch.float32)
+    compiled(q, k, v, cu, 5)
+    with pytest.raises(ValueError, match="max_seqlen=4 is below the longest sample"):
+        compiled(q, k, v, cu, 4)
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+        compiled(q, k, v, torch.tensor([0, 3, 7], dtype=torch.int32), 5)  # 7 rows of 8
+
+
+def test_compiled_encoder_equals_eager_in_one_graph():
+    from helpers import random_batch, tiny_config
+    from uniter_fast.model import UniterModel
+
+    batch, _, _ = random_batch(5, seed=3)
+    model = UniterModel(tiny_config(backend="triton")).eval()  # eval: nn.Dropout draws differ once compiled
+    hidden = model.embed(batch).detach()
+    compiled = _compiled(model.encoder)
+    results = []
+    for encoder in (compiled, model.encoder):
+        x = hidden.clone().requires_grad_()
+        out = encoder(x, batch.cu_seqlens, batch.max_seqlen)
+        out.pow(2).sum().backward()
+        results.append((out, x.grad, model.encoder.layer[0].attention.self.query.weight.grad.clone()))
+        model.zero_grad()
+    for ours, eager in zip(*results):
+        torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CUDA: UNITER's shapes, the 16-bit dtypes, no host sync
 # ---------------------------------------------------------------------------------------------------------
 
