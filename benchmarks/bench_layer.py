@@ -6,6 +6,8 @@ dropout on (training mode), a random gradient on the output. Models: base (12 x 
 Implementations:
 - ours_triton   uniter_fast.model.encoder.Encoder on the packed rows (total, hidden): every matrix product,
                 LayerNorm and GELU on real tokens only, attention by our Triton kernel (dropout in the kernel);
+- ours_compile  ours_triton under torch.compile (inductor fuses the bias, dropout, residual, LayerNorm and GELU
+                passes around the matrix products; our attention kernels stay whole as custom ops);
 - ours_torch    the same encoder with the reference attention (pad, SDPA with a key mask, unpad inside each
                 layer; the rest stays packed);
 - hf_eager      transformers' BertModel (SDPA attention) on the padded batch with an attention mask, called with
@@ -13,7 +15,7 @@ Implementations:
 - hf_compile    the same under torch.compile (compiled once; the first call's time is printed).
 Gradients flow into the parameters (accumulated, as in training) and the input. UNITER_FAST_BACKEND is ignored.
 Reported: median time per forward+backward, real tokens/s (padding not counted), and the ratio of ours to each
-peer. Rows are appended to benchmarks/results.csv.
+peer, and ours_compile's ratio to each BertModel. Rows are appended to benchmarks/results.csv.
 
     python benchmarks/bench_layer.py                   # base and large (about a minute on an H100 with compile)
     python benchmarks/bench_layer.py --quick           # base only, no compile
@@ -33,13 +35,14 @@ import contextlib
 import time
 
 import torch
-from harness import Skip, add_csv_options, against_ours, failure, open_run, quantile, results_path
+from harness import Skip, add_csv_options, against_ours, failure, median, open_run, quantile, ratio, results_path
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
 from uniter_fast.model.encoder import Encoder
 
-IMPLS = ("ours_triton", "ours_torch", "hf_eager", "hf_compile")
+IMPLS = ("ours_triton", "ours_compile", "ours_torch", "hf_eager", "hf_compile")
+COMPILED = ("ours_compile", "hf_compile")
 
 
 def lengths(B: int, seed: int) -> list[int]:
@@ -79,26 +82,43 @@ class Case:
         self.x_padded = reference.pad_rows(self.x, starts, lens_t, self.N)
         self.grad_padded = reference.pad_rows(self.grad, starts, lens_t, self.N)
         self.mask = (torch.arange(self.N, device=device)[None, :] < lens_t[:, None]).long()
-        self.compile_note = ""
+        self.compile_notes: dict[str, str] = {}
 
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()  # the CPU smoke runs fp32
 
-    def ours(self, backend: str):
+    def skip_compile(self):
+        if self.args.no_compile or self.device.type != "cuda":
+            raise Skip("--no-compile" if self.args.no_compile else "compiled implementations run on a GPU only")
+
+    def first_call(self, impl: str, run) -> None:
+        """Compile by calling once, and note how long that took."""
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        self.compile_notes[impl] = f"first_call_s={time.perf_counter() - start:.1f}"
+        print(f"  [torch.compile] {self.model} {impl}: first call {time.perf_counter() - start:.1f} s")
+
+    def ours(self, backend: str, compiled: bool = False):
+        if compiled:
+            self.skip_compile()
         encoder = Encoder(self.config.replace(backend=backend)).to(self.device).train()
+        fn = torch.compile(encoder) if compiled else encoder
         x = self.x.detach().requires_grad_()
 
         def run():
             with self.autocast():
-                out = encoder(x, self.cu, self.N)
+                out = fn(x, self.cu, self.N)
             out.backward(self.grad.to(out.dtype))
+        if compiled:
+            self.first_call("ours_compile", run)
         return run
 
     def hf(self, compiled: bool):
-        if compiled and (self.args.no_compile or self.device.type != "cuda"):
-            raise Skip("--no-compile" if self.args.no_compile else "compile peer runs on a GPU only")
+        if compiled:
+            self.skip_compile()
         bert = hf_bert(self.config, self.device)
         fn = torch.compile(bert) if compiled else bert
         x = self.x_padded.detach().requires_grad_()
@@ -108,15 +128,12 @@ class Case:
                 out = fn(inputs_embeds=x, attention_mask=self.mask).last_hidden_state
             out.backward(self.grad_padded.to(out.dtype))
         if compiled:
-            start = time.perf_counter()
-            run()
-            torch.cuda.synchronize()
-            self.compile_note = f"first_call_s={time.perf_counter() - start:.1f}"
-            print(f"  [torch.compile] {self.model}: first call {time.perf_counter() - start:.1f} s")
+            self.first_call("hf_compile", run)
         return run
 
     def build(self, impl: str):
-        return {"ours_triton": lambda: self.ours("triton"), "ours_torch": lambda: self.ours("torch"),
+        return {"ours_triton": lambda: self.ours("triton"), "ours_compile": lambda: self.ours("triton", True),
+                "ours_torch": lambda: self.ours("torch"),
                 "hf_eager": lambda: self.hf(False), "hf_compile": lambda: self.hf(True)}[impl]()
 
 
@@ -133,7 +150,7 @@ KERNEL_KINDS = {
 }
 
 
-def profile_step(run, device, steps: int = 3) -> None:
+def profile_step(name: str, run, device, steps: int = 3) -> None:
     """Where one step of `run` goes: its wall time against the sum of its kernels' time (a step far longer than
     its kernels waits on the host), the kernels' time by kind, then the ops and kernels that take the most."""
     from torch.autograd import DeviceType
@@ -153,7 +170,7 @@ def profile_step(run, device, steps: int = 3) -> None:
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels only: ops would count them again
     kernels_us = sum(e.self_device_time_total for e in kernels) / steps
-    print(f"\n== profile of ours_triton ({steps} steps): wall {wall_us / 1e3:.2f} ms per step under the profiler, "
+    print(f"\n== profile of {name} ({steps} steps): wall {wall_us / 1e3:.2f} ms per step under the profiler, "
           f"kernels {kernels_us / 1e3:.2f} ms ({kernels_us / wall_us:.0%} of the wall)")
     if kernels:
         kinds: dict[str, list[float]] = {}
@@ -177,11 +194,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (about 30 s per model)")
+    p.add_argument("--no-compile", action="store_true", help="skip ours_compile and hf_compile (about 30 s each per model)")
     p.add_argument("--quick", action="store_true", help="base only, no compile")
     p.add_argument("--cpu-smoke", action="store_true", help="a 2-layer toy on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--profile", action="store_true",
-                   help="then profile ours_triton's step: wall against kernel time, the costliest kernels and ops")
+                   help="then profile ours_triton's and ours_compile's step: wall against kernel time, the costliest kernels and ops")
     add_csv_options(p)
     args = p.parse_args(argv)
     args.csv = results_path(args)
@@ -205,7 +222,7 @@ def main(argv=None) -> int:
             times, note = None, ""
             try:
                 times = timer(case.build(impl))
-                note = case.compile_note if impl == "hf_compile" else ""
+                note = case.compile_notes.get(impl, "")
             except Skip as why:
                 note = f"skipped: {why}"
             except Exception as err:  # a peer that fails is reported, the others still run
@@ -214,7 +231,9 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         if args.profile:
-            profile_step(case.build("ours_triton"), device)
+            for impl in ("ours_triton", "ours_compile"):
+                with contextlib.suppress(Skip):
+                    profile_step(impl, case.build(impl), device)
         tokens = sum(case.lens)
         print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size})  B={len(case.lens)}  "
               f"{tokens} real tokens, padded {len(case.lens)} x {case.N} ({1 - tokens / (len(case.lens) * case.N):.0%} "
@@ -232,6 +251,10 @@ def main(argv=None) -> int:
                                   speedup_vs=vs, notes=f"tokens={tokens} N={case.N} tokens_per_s={tokens / m * 1e6:.0f} "
                                                        f"p20={quantile(times, 2):.0f} p80={quantile(times, 8):.0f} "
                                                        f"reps={len(times)} {note}".strip()))
+        medians = {impl: median(times) for impl, times, _ in rows if times}
+        if "ours_compile" in medians:
+            print("ours_compile's speed-up: " + ", ".join(f"{ratio(medians[peer] / medians['ours_compile'])} {peer}"
+                                                          for peer in IMPLS if peer in medians and peer != "ours_compile"))
         sys.stdout.flush()
     print(f"\nbench_layer: done in {time.perf_counter() - start:.0f} s"
           + (f"; {writer.count} rows appended to {writer.path}" if writer else ""))
