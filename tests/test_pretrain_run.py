@@ -61,6 +61,25 @@ def test_zero3_run_writes_whole_parameters(tmp_path):
     assert state["cls.predictions.decoder.weight"].shape == state["uniter.embeddings.word_embeddings.weight"].shape
 
 
+def test_compiled_encoder_trains_as_eager(tmp_path):
+    """compile: the encoder under torch.compile (aot_eager here: the graph as traced, run by eager kernels) follows
+    the eager run's losses, and the checkpoint keeps the original key names. On the CPU "auto" takes the reference
+    attention (the triton kernels under the interpreter would take minutes here); test_attention compiles those."""
+    histories = []
+    for name, backend in (("eager", None), ("compiled", "aot_eager")):
+        (tmp_path / name).mkdir()
+        path = _small_config(tmp_path / name, num_train_steps=6, log_every=3, compile=backend)
+        torch._dynamo.reset()
+        assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
+        histories.append(json.loads((tmp_path / name / "run" / "history.json").read_text()))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the second run did compile
+    eager, compiled = ([r["loss"] for r in h] for h in histories)
+    assert [r["task"] for r in histories[0]] == [r["task"] for r in histories[1]]
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), atol=1e-4, rtol=1e-4)
+    state = torch.load(tmp_path / "compiled" / "run" / "ckpt" / "model_step_6.pt", weights_only=True)
+    assert "uniter.encoder.layer.0.attention.self.query.weight" in state
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"learning_rat": 1e-4}))
@@ -77,6 +96,12 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         PretrainConfig.from_json(path)
     path.write_text(json.dumps({"data": {"world": {"num_train_images": 0}}}))
     with pytest.raises(ValueError, match=r"data: world.*num_train_images"):
+        PretrainConfig.from_json(path)
+    path.write_text(json.dumps({"compile": "inductr"}))
+    with pytest.raises(ValueError, match=r"bad\.json: compile 'inductr': expected null or a torch.compile backend"):
+        PretrainConfig.from_json(path)
+    path.write_text(json.dumps({"compile": "inductor", "zero_stage": 3}))
+    with pytest.raises(ValueError, match=r"bad\.json: compile is not supported with zero_stage 3"):
         PretrainConfig.from_json(path)
 
 

@@ -14,7 +14,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     cfg = PretrainConfig.from_json(args.config)
     changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps),
-                                 ("precision", args.precision)) if v is not None}
+                                 ("precision", args.precision), ("compile", args.compile)) if v is not None}
     cfg = cfg.replace(**changes)
     try:
         metrics = pretrain(cfg, progress=not args.no_progress)
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", default=None, help="override the config's output_dir")
     p.add_argument("--steps", type=int, default=None, help="override num_train_steps")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="override precision")
+    p.add_argument("--compile", default=None, metavar="BACKEND",
+                   help="run the encoder under torch.compile with this backend (inductor on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=_pretrain)

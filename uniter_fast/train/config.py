@@ -99,6 +99,9 @@ class PretrainConfig:
     grad_norm: float = 5.0               # -1 turns clipping off
     precision: str = "fp32"              # fp32 | bf16 | fp16 (DeepSpeed's mixed precision)
     zero_stage: int = 2
+    # ours: run the encoder under torch.compile with this backend ("inductor" on a GPU fuses the passes around
+    # the matrix products; the attention kernels stay whole as custom ops). None: eager. Not with ZeRO-3 yet.
+    compile: str | None = None
     seed: int = 42
     output_dir: str = "runs/pretrain"
     log_every: int = 10
@@ -116,6 +119,7 @@ class PretrainConfig:
             raise ValueError(f"precision {self.precision!r}: expected fp32, bf16 or fp16")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage {self.zero_stage!r}: expected 0, 1, 2 or 3")
+        _check_compile(self.compile, self.zero_stage)
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -131,6 +135,18 @@ class PretrainConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "PretrainConfig":
         return _build(cls, read_json_object(path, "pre-training config"), str(path))
+
+
+def _check_compile(backend, zero_stage: int) -> None:
+    if backend is None:
+        return
+    import torch
+
+    known = torch.compiler.list_backends(exclude_tags=())
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"compile {backend!r}: expected null or a torch.compile backend ({', '.join(known)})")
+    if zero_stage == 3:  # ZeRO-3 gathers each module's parameters in hooks that a compiled encoder would trace
+        raise ValueError("compile is not supported with zero_stage 3 yet: use zero_stage 0-2, or compile null")
 
 
 def _check_mix(mix, where: str) -> None:

@@ -188,6 +188,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
                                                      itm_ot_lambda=cfg.itm_ot_lambda)
     else:
         model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda)
+    if cfg.compile:
+        model.uniter.encoder.compile(backend=cfg.compile)  # in place: the parameters keep their names
     engine = build_engine(model.to(device), cfg)
     tasks = _all_tasks(cfg)
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
