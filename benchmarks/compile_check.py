@@ -118,8 +118,9 @@ def ot_variants() -> list[Variant]:
             out.append(Variant(
                 f"ot cost {method}{' tol' if tol else ''} warps={rule['num_warps']}", ot._transport_kernel,
                 dict(cost_ptr="fp32", x_ptr="fp32", y_ptr="fp32", dist_ptr="fp32", plan_ptr="fp32",
-                     counts_ptr="i32", **lens),
-                dict(METHOD=ot.METHODS[method], FROM_VECTORS=False, PACKED=False, WRITE_PLAN=True, USE_TOL=tol,
+                     counts_ptr="i32", stats_ptr="fp32", **lens),
+                dict(METHOD=ot.METHODS[method], FROM_VECTORS=False, PACKED=False, WRITE_PLAN=True, WRITE_STATS=False,
+                     USE_TOL=tol,
                      DOT_PRECISION="ieee", **_launch(rule)), rule["num_warps"]))
     for dtype in ("fp32", "fp16", "bf16"):
         rule = ot._config(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype].itemsize)
@@ -127,14 +128,15 @@ def ot_variants() -> list[Variant]:
             out.append(Variant(
                 f"ot vectors {dtype}{' packed' if packed else ''}", ot._transport_kernel,
                 dict(cost_ptr="fp32", x_ptr=dtype, y_ptr=dtype, dist_ptr="fp32", plan_ptr="fp32", counts_ptr="i32",
-                     **lens),
-                dict(METHOD=0, FROM_VECTORS=True, PACKED=packed, WRITE_PLAN=True, USE_TOL=False,
+                     stats_ptr="fp32", **lens),
+                dict(METHOD=0, FROM_VECTORS=True, PACKED=packed, WRITE_PLAN=True, WRITE_STATS=True, USE_TOL=False,
                      DOT_PRECISION=ot._dot_precision(DTYPES[dtype], False), **_launch(rule)), rule["num_warps"]))
         grad_rule, precision = ot.backward_launch(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype])
-        grad_rule = {k: v for k, v in grad_rule.items() if k not in ("COL_LANES", "SHRINK")}
+        grad_rule = {k: v for k, v in grad_rule.items() if k != "SPLITS"}
         out.append(Variant(
             f"ot cosine backward {dtype}", ot._cosine_grad_kernel,
-            dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", grad_ptr="fp32", **lens),
+            dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
+                 grad_ptr="fp32", **lens),
             dict(PACKED=False, DOT_PRECISION=precision, **_launch(grad_rule)),
             grad_rule["num_warps"]))
     return out

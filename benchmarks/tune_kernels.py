@@ -40,10 +40,12 @@ ATTN_FORWARD = [Launch(64, 32, 4, 3), Launch(64, 64, 4, None), Launch(64, 32, 4,
 ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 2), Launch(32, 32, 2, 1), Launch(32, 32, 4, 1)]
 OT_COST = [{}, {"num_warps": 8}, {"num_warps": 4}, {"num_warps": 2}, {"PROBS": 2, "SHRINK": False, "num_warps": 8},
            {"COL_LANES": 8}, {"COL_LANES": 32}, {"SHRINK": False}]
-OT_BACKWARD = [{}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64}, {"num_warps": 2}, {"num_stages": 2},
-               {"num_stages": 4}]
-OT_VECTORS = OT_BACKWARD + [{"SHRINK": False}]
+OT_LAUNCH = [{}, {"num_warps": 8}, {"BLOCK_D": 16}, {"BLOCK_D": 64}, {"num_warps": 2}, {"num_stages": 2},
+             {"num_stages": 4}]
+OT_VECTORS = OT_LAUNCH + [{"SHRINK": False}]
+OT_BACKWARD = OT_LAUNCH + [{"num_stages": 1}, {"SPLITS": 1}, {"BLOCK_D": 64, "num_warps": 8}]
 OT_FP32 = [{}, {"DOT_PRECISION": "tf32x3"}]  # fp32 vectors: exact products against three tensor-core ones
+OT_FP32_BACKWARD = OT_FP32 + [{"num_stages": 1}]  # 127 registers against 255 (sm_90, Triton 3.6)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -108,7 +110,7 @@ def tune_ot(args, timer: Timer, device) -> None:
               lambda tune: ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
     B = args.ot_sizes[-1] if args.cpu_smoke else 1024
     dtypes = {torch.float32: (OT_VECTORS[:2], OT_BACKWARD[:2])} if args.cpu_smoke else {
-        torch.bfloat16: (OT_VECTORS, OT_BACKWARD), torch.float32: (OT_FP32, OT_FP32)}
+        torch.bfloat16: (OT_VECTORS, OT_BACKWARD), torch.float32: (OT_FP32, OT_FP32_BACKWARD)}
     for dtype, (vectors, backwards) in dtypes.items():
         prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
         text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
@@ -116,10 +118,13 @@ def tune_ot(args, timer: Timer, device) -> None:
         sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
               lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve,
                                                 tune=tune)[0])
-        _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True)
-        sweep(f"ot cosine backward  B={B} D={shape.D} {dtype}", timer, backwards,
-              lambda tune: ot.cosine_backward(text, regions, prob.text_lens, prob.region_lens, plan, prob.signs,
-                                              tune=tune))
+        stats = ot.grad_stats(B, prob.text.shape[1], prob.regions.shape[1], device)
+        _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True,
+                                          stats=stats)
+        sweep(f"ot cosine backward  B={B} D={shape.D} {dtype}  rule "
+              f"{ot.backward_launch(B, shape.M, shape.N, shape.D, dtype, device)}", timer, backwards,
+              lambda tune: ot.cosine_backward(text, regions, prob.text_lens, prob.region_lens, plan, stats,
+                                              prob.signs, tune=tune))
 
 
 def main(argv=None) -> int:

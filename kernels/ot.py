@@ -122,30 +122,31 @@ class _CostEnvelope(torch.autograd.Function):
 
 class _VectorEnvelope(torch.autograd.Function):
     """(dist, plan, counts) from text and region rows through the fused cosine cost; backward by the kernel,
-    with the plan held constant."""
+    with the plan held constant (and the forward's norms and plan-weighted cosine sums: grad_stats)."""
 
     @staticmethod
     def forward(ctx, text_data, region_data, text_starts, region_starts, text_lens, region_lens, sizes, solve,
-                want_plan):
+                want_plan, want_grad):
         kernels = _kernels()
         text = kernels.Rows(text_data, text_starts, sizes[0])
         regions = kernels.Rows(region_data, region_starts, sizes[1])
+        stats = kernels.grad_stats(text_lens.shape[0], *sizes, text_data.device) if want_grad else None
         dist, plan, counts = kernels.transport_vectors(text, regions, text_lens, region_lens, solve,
-                                                       want_plan=want_plan)
+                                                       want_plan=want_plan, stats=stats)
         ctx.sizes = sizes
-        ctx.save_for_backward(text_data, region_data, text_starts, region_starts, text_lens, region_lens, plan)
+        ctx.save_for_backward(text_data, region_data, text_starts, region_starts, text_lens, region_lens, plan, stats)
         ctx.mark_non_differentiable(*(t for t in (plan, counts) if t is not None))
         return dist, plan, counts
 
     @staticmethod
     def backward(ctx, grad_dist, *_):
-        text_data, region_data, text_starts, region_starts, text_lens, region_lens, plan = ctx.saved_tensors
+        text_data, region_data, text_starts, region_starts, text_lens, region_lens, plan, stats = ctx.saved_tensors
         kernels = _kernels()
         grads = kernels.cosine_backward(kernels.Rows(text_data, text_starts, ctx.sizes[0]),
                                         kernels.Rows(region_data, region_starts, ctx.sizes[1]),
-                                        text_lens, region_lens, plan, grad_dist)
+                                        text_lens, region_lens, plan, stats, grad_dist)
         return (grads[0] if ctx.needs_input_grad[0] else None, grads[1] if ctx.needs_input_grad[1] else None,
-                *([None] * 7))
+                *([None] * 8))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,9 +254,10 @@ def _wra(text_data, region_data, text_starts, region_starts, text_lens, region_l
         if grad == "unrolled":
             return _unrolled(method, cost, text_lens, region_lens, params, return_plan, tol)
         return _solve_cost("torch", method, cost, text_lens, region_lens, params, return_plan, tol)
-    want_plan = return_plan or _wants_grad(text_data, region_data)
+    want_grad = _wants_grad(text_data, region_data)
     dist, plan, counts = _VectorEnvelope.apply(text_data, region_data, text_starts, region_starts, text_lens,
-                                               region_lens, sizes, _options(method, params, tol), want_plan)
+                                               region_lens, sizes, _options(method, params, tol),
+                                               return_plan or want_grad, want_grad)
     return _result(dist, plan if return_plan else None, counts)
 
 

@@ -18,7 +18,9 @@ Algorithms (reference/ot.md):
 The cost comes as a (B, M, N) tensor or is fused: C = 1 - cos(text_i, region_j) from the vectors, normalised
 as F.normalize(eps=1e-5), padded (B, L, D) or packed (total, D) rows with per-problem starts; then each program
 owns one problem (PROBS = 1) and its cosine is one 2-D matrix product of row-major tiles.
-The backward kernel takes the plan as a constant (envelope) and returns the gradient of the vectors.
+The backward kernel takes the plan as a constant (envelope) and returns the gradient of the vectors. It reads the
+forward's inverse norms and plan-weighted cosine sums (grad_stats) instead of recomputing the cosine, so nothing
+in it sums over D: each problem's dims split over several programs while the batch is too small to fill the GPU.
 Nothing here validates arguments or synchronises with the host: kernels/ot.py does the former.
 """
 from __future__ import annotations
@@ -338,61 +340,71 @@ def _transport_kernel(
     x_ptr, x_starts_ptr, s_xb, s_xr, s_xd,
     y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
     text_lens_ptr, region_lens_ptr,
-    dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr,
+    dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr, stats_ptr,
     B, M, N, D, iterations, k, scale, tol,
     METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
-    WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr,
+    WRITE_PLAN: tl.constexpr, WRITE_STATS: tl.constexpr, USE_TOL: tl.constexpr,
     PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     COL_LANES: tl.constexpr, SHRINK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Solves this program's problems. SHRINK (PROBS == 1): a problem no longer than half the block on a side
-    runs on the half tile there, so a short pair costs a quarter of the longest one's work."""
+    runs on the half tile there, so a short pair costs a quarter of the longest one's work. WRITE_STATS (from
+    vectors): also what the backward needs besides the plan (grad_stats)."""
     pid = tl.program_id(0)
     args = (cost_ptr, s_cb, s_cm, s_cn, x_ptr, x_starts_ptr, s_xb, s_xr, s_xd, y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
-            text_lens_ptr, region_lens_ptr, dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr,
+            text_lens_ptr, region_lens_ptr, dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr, stats_ptr,
             B, M, N, D, iterations, k, scale, tol)
+    # the flags travel one by one: Triton drops the constexpr-ness of tuple items
     if SHRINK:
         if tl.load(text_lens_ptr + pid) <= BLOCK_M // 2:
-            _shrink_columns(pid, args, region_lens_ptr, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS,
-                            BLOCK_M // 2, BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
+            _shrink_columns(pid, args, region_lens_ptr, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, WRITE_STATS,
+                            USE_TOL, PROBS, BLOCK_M // 2, BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
         else:
-            _shrink_columns(pid, args, region_lens_ptr, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS,
-                            BLOCK_M, BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
+            _shrink_columns(pid, args, region_lens_ptr, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, WRITE_STATS,
+                            USE_TOL, PROBS, BLOCK_M, BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
     else:
-        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N, BLOCK_D,
-                    COL_LANES, DOT_PRECISION)
+        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, WRITE_STATS, USE_TOL, PROBS, BLOCK_M,
+                    BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
 
 
 @triton.jit
 def _shrink_columns(pid, args, region_lens_ptr, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr,
-                    PACKED: tl.constexpr, WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    PACKED: tl.constexpr, WRITE_PLAN: tl.constexpr, WRITE_STATS: tl.constexpr,
+                    USE_TOL: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """_solve_tile on BLOCK_N // 2 columns when problem pid has no more regions than that."""
     if tl.load(region_lens_ptr + pid) <= BLOCK_N // 2:
-        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N // 2,
-                    BLOCK_D, COL_LANES, DOT_PRECISION)
+        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, WRITE_STATS, USE_TOL, PROBS, BLOCK_M,
+                    BLOCK_N // 2, BLOCK_D, COL_LANES, DOT_PRECISION)
     else:
-        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, USE_TOL, PROBS, BLOCK_M, BLOCK_N, BLOCK_D,
-                    COL_LANES, DOT_PRECISION)
+        _solve_tile(pid, args, METHOD, FROM_VECTORS, PACKED, WRITE_PLAN, WRITE_STATS, USE_TOL, PROBS, BLOCK_M,
+                    BLOCK_N, BLOCK_D, COL_LANES, DOT_PRECISION)
 
 
 @triton.jit
 def _solve_tile(pid, args, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PACKED: tl.constexpr,
-                WRITE_PLAN: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Reads program pid's problems into one tile, solves them and writes their distances (and plans, counts)."""
+                WRITE_PLAN: tl.constexpr, WRITE_STATS: tl.constexpr, USE_TOL: tl.constexpr, PROBS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COL_LANES: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Reads program pid's problems into one tile, solves them and writes their distances (and plans, counts,
+    the backward's statistics)."""
     (cost_ptr, s_cb, s_cm, s_cn, x_ptr, x_starts_ptr, s_xb, s_xr, s_xd, y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
-     text_lens_ptr, region_lens_ptr, dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr,
+     text_lens_ptr, region_lens_ptr, dist_ptr, plan_ptr, s_pb, s_pm, s_pn, counts_ptr, stats_ptr,
      B, M, N, D, iterations, k, scale, tol) = args
     pb, inb, live, m, n, rows, cols, rowv, colv = _problem_tile(pid, text_lens_ptr, region_lens_ptr, B,
                                                                 PROBS, BLOCK_M, BLOCK_N, COL_LANES)
     valid = rowv & colv
+    stats = stats_ptr + pid.to(tl.int64) * 2 * (M + N)  # WRITE_STATS: this problem's part of grad_stats
     if FROM_VECTORS:  # PROBS == 1 (the launcher's rule): problem pid, its cosine as one 2-D product
         xb = _problem_base(x_starts_ptr, pid, s_xb, s_xr, PACKED)
         yb = _problem_base(y_starts_ptr, pid, s_yb, s_yr, PACKED)
-        cos, _, _ = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, tl.max(m), tl.max(n), D,
-                            BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, tl.max(m), tl.max(n), D,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        if WRITE_STATS:  # the norms now: kept to the end they would hold registers through the solve
+            r2 = tl.arange(0, BLOCK_M)[:, None]
+            c2 = tl.arange(0, BLOCK_N)[None, :]
+            tl.store(stats + r2, inv_x, mask=r2 < M)
+            tl.store(stats + M + c2, inv_y, mask=c2 < N)
         cost = tl.where(valid, 1.0 - _tile_axes(cos[None, :, :], COL_LANES), 0.0)
     else:
         p3 = tl.reshape(pb, (PROBS, 1, 1))
@@ -409,7 +421,12 @@ def _solve_tile(pid, args, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PAC
         plan, done = _log_domain(cost * scale, rowv, colv, valid, mf, nf, live, iterations, k, tol,
                                  METHOD == 1, USE_TOL)
     p1 = pid * PROBS + tl.arange(0, PROBS)
-    tl.store(dist_ptr + p1, _problem_sum(cost * plan), mask=p1 < B)
+    moved = cost * plan
+    tl.store(dist_ptr + p1, _problem_sum(moved), mask=p1 < B)
+    if WRITE_STATS:  # FROM_VECTORS, one problem: the layout of grad_stats
+        weighted = plan - moved  # T * cos on valid entries (the plan is 0 elsewhere)
+        tl.store(stats + (M + N) + rows, _row_sum(weighted), mask=rows < M)
+        tl.store(stats + (M + N) + M + cols, _col_sum(weighted), mask=cols < N)
     if USE_TOL:
         tl.store(counts_ptr + p1, _problem_sum(done), mask=p1 < B)
     if WRITE_PLAN:  # the tile's part of the (M, N) block, pads included: exact zeros there (the rest is zeroed)
@@ -423,14 +440,20 @@ def _cosine_grad_kernel(
     y_ptr, y_starts_ptr, s_yb, s_yr, s_yd,
     gx_ptr, s_gxb, s_gxr, s_gxd,
     gy_ptr, s_gyb, s_gyr, s_gyd,
-    text_lens_ptr, region_lens_ptr, plan_ptr, s_pb, s_pm, s_pn, grad_ptr,
-    B, D,
-    PACKED: tl.constexpr, PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    text_lens_ptr, region_lens_ptr, plan_ptr, s_pb, s_pm, s_pn, stats_ptr, grad_ptr,
+    M, N, D, SPLITS, dims_per_split,
+    PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """d dist_b / d x and d y with the plan T constant: dist = sum T (1 - x^ . y^), through F.normalize.
-    One problem per program (PROBS == 1): every tile is 2-D and every load and store row-major."""
-    b = tl.program_id(0)
+    """d dist_b / d x and d y with the plan T constant: dist = sum T (1 - x^ . y^), through F.normalize:
+        gx_i = g inv_x_i (rdot_i x^_i - sum_j T_ij y^_j),  gy_j = g inv_y_j (cdot_j y^_j - sum_i T_ij x^_i),
+    with x^ = x inv_x, rdot_i = sum_j T_ij cos_ij, cdot_j likewise, from the forward (grad_stats); below eps the
+    Jacobian is I / eps and the rdot term drops. Nothing sums over D: program (problem, split) owns
+    dims_per_split dims of one problem, so a small batch still fills the GPU (the splits of a problem run
+    side by side and share its plan through L2)."""
+    pid = tl.program_id(0)
+    b = pid // SPLITS
+    d_start = (pid % SPLITS) * dims_per_split
     m = tl.load(text_lens_ptr + b).to(tl.int32)
     n = tl.load(region_lens_ptr + b).to(tl.int32)
     live = (m > 0) & (n > 0)  # an empty side moves no mass: the gradient is 0
@@ -440,26 +463,29 @@ def _cosine_grad_kernel(
     yb = _problem_base(y_starts_ptr, b, s_yb, s_yr, PACKED)
     gxb = _problem_base(x_starts_ptr, b, s_gxb, s_gxr, PACKED)
     gyb = _problem_base(y_starts_ptr, b, s_gyb, s_gyr, PACKED)
-    cos, inv_x, inv_y = _cosine(x_ptr, xb, s_xr, s_xd, y_ptr, yb, s_yr, s_yd, m, n, D,
-                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
     rows = tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
-    valid = (rows < m) & (cols < n)
-    plan = tl.load(plan_ptr + b.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn, mask=valid, other=0.0)
-    w = plan.to(tl.float32) * tl.load(grad_ptr + b)  # d loss / d C, (BM, BN)
-    wc = w * cos
-    # F.normalize's Jacobian is (I - x^ x^T) / |x| above eps and I / eps below; r, c are the projections
-    r = tl.where(inv_x < 1.0 / _NORM_EPS, tl.sum(wc, axis=1)[:, None], 0.0)  # (BM, 1)
-    inv_y_col = tl.reshape(inv_y, (BLOCK_N, 1))
-    c = tl.where(inv_y_col < 1.0 / _NORM_EPS, tl.sum(wc, axis=0)[:, None], 0.0)  # (BN, 1)
-    w_t = tl.trans(w)
     y_rows = tl.arange(0, BLOCK_N)[:, None]
+    g = tl.load(grad_ptr + b)
+    w = g * tl.load(plan_ptr + b.to(tl.int64) * s_pb + rows * s_pm + cols * s_pn, mask=(rows < m) & (cols < n),
+                    other=0.0)  # d loss / d C, (BM, BN)
+    w_t = tl.trans(w)
+    stats = stats_ptr + b.to(tl.int64) * 2 * (M + N)
+    # the per-row values in w's own row and column layouts: loaded in a layout of their own they cost fp16's
+    # exact backward 300 bytes of spill per thread on sm_90 (Triton 3.6)
+    on_rows = tl.sum(w * 0.0, axis=1)[:, None]  # (BM, 1) zeros
+    on_cols = tl.sum(w * 0.0, axis=0)[:, None]  # (BN, 1) zeros
+    inv_x = on_rows + tl.load(stats + rows, mask=rows < m, other=0.0)
+    inv_y = on_cols + tl.load(stats + M + y_rows, mask=y_rows < n, other=0.0)
+    r = tl.where(inv_x < 1.0 / _NORM_EPS, g * tl.load(stats + (M + N) + rows, mask=rows < m, other=0.0), on_rows)
+    c = tl.where(inv_y < 1.0 / _NORM_EPS, g * tl.load(stats + (M + N) + M + y_rows, mask=y_rows < n, other=0.0),
+                 on_cols)
     d = tl.arange(0, BLOCK_D)[None, :]
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(d_start, d_start + dims_per_split, BLOCK_D):
         x = _vector_tile(x_ptr, xb, s_xr, s_xd, rows, m, d0 + d, D).to(tl.float32) * inv_x  # x^ (BM, BD)
-        y = _vector_tile(y_ptr, yb, s_yr, s_yd, y_rows, n, d0 + d, D).to(tl.float32) * inv_y_col  # y^ (BN, BD)
+        y = _vector_tile(y_ptr, yb, s_yr, s_yd, y_rows, n, d0 + d, D).to(tl.float32) * inv_y  # y^ (BN, BD)
         gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x
-        gy = (c * y - tl.dot(w_t, x, input_precision=DOT_PRECISION)) * inv_y_col
+        gy = (c * y - tl.dot(w_t, x, input_precision=DOT_PRECISION)) * inv_y
         tl.store(gx_ptr + gxb + rows * s_gxr + (d0 + d) * s_gxd, gx.to(gx_ptr.dtype.element_ty),
                  mask=(rows < m) & (d0 + d < D))
         tl.store(gy_ptr + gyb + y_rows * s_gyr + (d0 + d) * s_gyd, gy.to(gy_ptr.dtype.element_ty),
@@ -552,13 +578,40 @@ def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     return "tf32"
 
 
+BACKWARD_KEYS = ("BLOCK_D", "SPLITS", "DOT_PRECISION", "num_warps", "num_stages")  # what tune= may set
+
+
 def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.dtype,
                     device: torch.device = torch.device("cpu")) -> tuple[dict, str]:
-    """The cosine backward's launch rule and its products' precision. Exact products run on the FMA units like
-    fp32 inputs', so they take fp32's launch (for fp16, 4 warps and 32 dims spilled 7.7 KB on sm_90)."""
+    """The cosine backward's launch rule and its products' precision: the forward's tile, dims and warps (exact
+    products run on the FMA units like fp32 inputs', so they take fp32's launch: for fp16, 4 warps and 32 dims
+    spilled 7.7 KB on sm_90), and each problem's dims split over SPLITS programs until the batch makes four
+    programs per SM."""
     precision = _dot_precision(dtype, True)
     elem_bytes = 4 if precision == "ieee" else torch.empty(0, dtype=dtype).element_size()
-    return _config(batch, max_m, max_n, dim, elem_bytes, device), precision
+    rule = _config(batch, max_m, max_n, dim, elem_bytes, device)
+    chunks = cdiv(dim, rule["BLOCK_D"])
+    splits = min(chunks, cdiv(4 * _sm_count(device), max(batch, 1)))
+    return dict(BLOCK_M=rule["BLOCK_M"], BLOCK_N=rule["BLOCK_N"], BLOCK_D=rule["BLOCK_D"], SPLITS=splits,
+                num_warps=rule["num_warps"]), precision
+
+
+def _tuned_backward(rule: dict, tune: dict | None) -> dict:
+    unknown = sorted(set(tune or {}) - set(BACKWARD_KEYS))
+    if unknown:
+        raise ValueError(f"tune={tune}: the cosine backward takes {', '.join(BACKWARD_KEYS)}, not {unknown}")
+    config = {**rule, **(tune or {})}
+    if config["BLOCK_D"] not in (16, 32, 64, 128) or not (isinstance(config["SPLITS"], int) and config["SPLITS"] >= 1):
+        raise ValueError(f"tune={tune}: BLOCK_D must be 16, 32, 64 or 128 and SPLITS a positive int")
+    if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"tune={tune}: DOT_PRECISION must be ieee, tf32 or tf32x3")
+    return config
+
+
+def grad_stats(batch: int, max_m: int, max_n: int, device: torch.device) -> torch.Tensor:
+    """The buffer transport_vectors fills for cosine_backward: per problem, [0] the inverse norms 1/max(|x|, eps)
+    of its text rows then its region rows, [1] each row's and column's sum of T * cos."""
+    return torch.empty(batch, 2, max_m + max_n, device=device, dtype=torch.float32)
 
 
 def _rows_args(rows: Rows, lens: torch.Tensor) -> tuple:
@@ -567,7 +620,8 @@ def _rows_args(rows: Rows, lens: torch.Tensor) -> tuple:
 
 
 def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None, text_lens: torch.Tensor,
-             region_lens: torch.Tensor, solve: Solve, want_plan: bool, tune: dict | None):
+             region_lens: torch.Tensor, solve: Solve, want_plan: bool, tune: dict | None,
+             stats: torch.Tensor | None = None):
     batch = text_lens.shape[0]
     max_m, max_n = (cost.shape[1], cost.shape[2]) if cost is not None else (text.length, regions.length)
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()  # the kernels index them flat
@@ -591,10 +645,10 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
     grid = (cdiv(batch, config["PROBS"]),)
     _transport_kernel[grid](
         *cost_args, *x_args, *y_args, text_lens, region_lens,
-        dist, *plan_args, dist if counts is None else counts,
+        dist, *plan_args, dist if counts is None else counts, dist if stats is None else stats,
         batch, max_m, max_n, dim or 0, solve.iterations, inner, float(solve.scale), float(solve.tol or 0.0),
         METHOD=METHODS[solve.method], FROM_VECTORS=cost is None, PACKED=text is not None and text.starts is not None,
-        WRITE_PLAN=want_plan, USE_TOL=solve.tol is not None,
+        WRITE_PLAN=want_plan, WRITE_STATS=stats is not None, USE_TOL=solve.tol is not None,
         DOT_PRECISION=config.pop("DOT_PRECISION", _dot_precision(data.dtype, False)), **config,
     )
     return dist, plan, counts
@@ -609,32 +663,37 @@ def transport_cost(cost: torch.Tensor, text_lens: torch.Tensor, region_lens: tor
 
 
 def transport_vectors(text: Rows, regions: Rows, text_lens: torch.Tensor, region_lens: torch.Tensor, solve: Solve,
-                      *, want_plan: bool = False, tune: dict | None = None):
-    """As transport_cost, with C = 1 - cos(text_i, region_j) computed in the kernel; both sides padded or packed."""
+                      *, want_plan: bool = False, stats: torch.Tensor | None = None, tune: dict | None = None):
+    """As transport_cost, with C = 1 - cos(text_i, region_j) computed in the kernel; both sides padded or packed.
+    stats: a grad_stats buffer to fill for cosine_backward (which takes the plan too)."""
     assert (text.starts is None) == (regions.starts is None), "text and regions must both be padded or both packed"
-    return _forward(None, text, regions, text_lens, region_lens, solve, want_plan, tune)
+    return _forward(None, text, regions, text_lens, region_lens, solve, want_plan, tune, stats)
 
 
 def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_lens: torch.Tensor,
-                    plan: torch.Tensor, grad_dist: torch.Tensor, tune: dict | None = None
+                    plan: torch.Tensor, stats: torch.Tensor, grad_dist: torch.Tensor, tune: dict | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of sum_b grad_dist[b] * dist_b into text.data and regions.data with the plan constant;
-    rows outside every problem get 0."""
+    """Gradients of sum_b grad_dist[b] * dist_b into text.data and regions.data with the plan constant; stats:
+    the grad_stats buffer of the forward that made the plan. Rows outside every problem get 0."""
     grad_text, grad_regions = torch.zeros_like(text.data), torch.zeros_like(regions.data)
     batch, dim = text_lens.shape[0], text.data.shape[-1]
     text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
-    if batch == 0:
+    if batch == 0 or dim == 0:
         return grad_text, grad_regions
-    rule, precision = backward_launch(batch, plan.shape[1], plan.shape[2], dim, text.data.dtype, text.data.device)
-    config = _tuned(rule, tune, dim)
+    max_m, max_n = plan.shape[1], plan.shape[2]
+    rule, precision = backward_launch(batch, max_m, max_n, dim, text.data.dtype, text.data.device)
+    config = _tuned_backward(rule, tune)
     precision = config.pop("DOT_PRECISION", precision)
-    del config["COL_LANES"], config["SHRINK"]  # the forward's tile geometry: the backward's tiles are 2-D
+    chunks = cdiv(dim, config["BLOCK_D"])
+    per_split = cdiv(chunks, min(config.pop("SPLITS"), chunks))  # BLOCK_D chunks per program
+    splits = cdiv(chunks, per_split)  # none left empty
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
-    _cosine_grad_kernel[(cdiv(batch, config["PROBS"]),)](
+    _cosine_grad_kernel[(batch * splits,)](
         *_rows_args(text, text_lens), *_rows_args(regions, region_lens),
         grad_text, *gx.strides, grad_regions, *gy.strides,
-        text_lens, region_lens, plan, *plan.stride(), grad_dist.float().contiguous(),
-        batch, dim, PACKED=text.starts is not None, DOT_PRECISION=precision, **config,
+        text_lens, region_lens, plan, *plan.stride(), stats.contiguous(), grad_dist.float().contiguous(),
+        max_m, max_n, dim, splits, per_split * config["BLOCK_D"], PACKED=text.starts is not None,
+        DOT_PRECISION=precision, **config,
     )
     return grad_text, grad_regions

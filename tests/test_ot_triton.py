@@ -277,6 +277,33 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
 
+def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator) -> None:
+    """The backward reads the forward's norms and plan-weighted cosine sums (grad_stats, written on half tiles
+    too) and splits each problem's dims over programs: every split and dim step gives the fp64 gradient."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=70, dtype=torch.float32)
+    regions[0, 3] = 0  # a zero vector: F.normalize's eps branch, on the region side this time
+    solve = kernels.Solve("ipot", scale=2.0, iterations=8)
+    rows = kernels.Rows(text), kernels.Rows(regions)
+    stats = kernels.grad_stats(len(SIZES_LONG), text.shape[1], regions.shape[1], text.device)
+    dist, plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats)
+    weights = torch.randn(len(SIZES_LONG), generator=gen, dtype=torch.float64)
+    text64, regions64 = text.double().requires_grad_(), regions.double().requires_grad_()
+    cost = reference.cosine_cost_ref(text64, regions64)
+    expected_dist = reference.transport_distance_ref(cost, plan.double())  # the kernel's plan, held constant
+    expected = torch.autograd.grad((expected_dist * weights).sum(), (text64, regions64))
+    for tune in ({}, {"SPLITS": 1}, {"SPLITS": 2, "BLOCK_D": 16}, {"SPLITS": 3, "BLOCK_D": 16},
+                 {"SPLITS": 9, "BLOCK_D": 16}, {"BLOCK_D": 64, "num_warps": 8}):
+        grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune=tune)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
+    with pytest.raises(ValueError, match="SPLITS a positive int"):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"SPLITS": 0})
+    with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"PROBS": 2})
+
+
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
     text, regions, text_lens, region_lens = vectors([(3, 2), (2, 3), (1, 2)], gen=gen, dim=4)
     text.requires_grad_()
