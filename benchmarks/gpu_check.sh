@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the gpu-marked tests, every benchmark script, and a short bf16 pre-training run through
 # DeepSpeed, in under 6 minutes (each step has its own time limit); logs go to $OUT (or ./gpu_check_logs).
-# --tune: then the extras too (about 5 minutes more): the launch sweeps of benchmarks/tune_kernels.py, attention
+# --tune: then the extras too (up to 7.5 minutes more: past one call's 10 minutes after a plain run, so prefer
+#         --tune-only as a second call): the launch sweeps of benchmarks/tune_kernels.py, attention
 #         with training's dropout, the base encoder compiled (ours and BertModel) with profiles of our steps, and
 #         the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).

@@ -67,14 +67,15 @@ _grads_once_differentiable = torch.autograd.function.once_differentiable(_grads)
 @torch.library.custom_op("uniter_fast::varlen_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, seed: torch.Tensor,
                   max_seqlen: int, softmax_scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the triton forward; seed: a CPU int64 scalar (read without a device sync)."""
+    """(out, lse) of the triton forward, both contiguous; seed: a CPU int64 scalar (read without a device sync)."""
     _check_offsets(cu_seqlens, q.shape[0], max_seqlen)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the outputs' strides as the fake's
     return _kernels().forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, int(seed))
 
 
 @_attention_op.register_fake
 def _(q, k, v, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.custom_op("uniter_fast::varlen_attention_backward", mutates_args=())
@@ -88,7 +89,7 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
 
 @_attention_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, cu_seqlens, seed, max_seqlen, softmax_scale, dropout_p):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels write
 
 
 def _save_for_op_backward(ctx, inputs, output):
@@ -107,7 +108,7 @@ _attention_op.register_autograd(_op_backward, setup_context=_save_for_op_backwar
 
 
 def _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale) -> None:
-    """Raise naming the argument; lengths are checked against cu_seqlens' values only on the CPU (no sync)."""
+    """Raise naming the argument (cu_seqlens' values: _check_offsets)."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"varlen_attention: q, k, v must share one (total, heads, head_dim) shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -127,8 +128,6 @@ def _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale) -> None:
     if softmax_scale is not None and not (isinstance(softmax_scale, numbers.Real) and math.isfinite(softmax_scale)
                                           and softmax_scale > 0):
         raise ValueError(f"varlen_attention: softmax_scale must be a finite number > 0, got {softmax_scale!r}")
-    if not torch.compiler.is_compiling():  # compiled calls check inside the op, on real values
-        _check_offsets(cu_seqlens, q.shape[0], max_seqlen)
 
 
 def _check_offsets(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
@@ -165,15 +164,19 @@ def varlen_attention(
     """
     _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if requested_backend(backend) == "xformers":
+    chosen = "xformers" if requested_backend(backend) == "xformers" else \
+        choose("varlen_attention", backend, q.device, _triton_reason(q))
+    if chosen == "triton" and torch.compiler.is_compiling():  # the op checks the offsets, on real values
+        seed = (torch.randint(2**62, (), dtype=torch.int64, device="cpu") if dropout_p > 0
+                else torch.zeros((), dtype=torch.int64, device="cpu"))
+        return _attention_op(q, k, v, cu_seqlens, seed, max_seqlen, scale, float(dropout_p))[0]
+    _check_offsets(cu_seqlens, q.shape[0], max_seqlen)
+    if chosen == "xformers":
         return _on_xformers(q, k, v, cu_seqlens, dropout_p, scale, deterministic)
-    if choose("varlen_attention", backend, q.device, _triton_reason(q)) == "torch":
+    if chosen == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                               softmax_scale=scale)
-    if torch.compiler.is_compiling():
-        seed = torch.randint(2**62, (), dtype=torch.int64) if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
-        return _attention_op(q, k, v, cu_seqlens, seed, max_seqlen, scale, float(dropout_p))[0]
-    seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout_p > 0 else 0
+    seed = int(torch.randint(2**62, (), dtype=torch.int64, device="cpu")) if dropout_p > 0 else 0
     return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
 
 

@@ -608,6 +608,13 @@ def _tuned_backward(rule: dict, tune: dict | None) -> dict:
     return config
 
 
+def _check_stats(stats: torch.Tensor, batch: int, max_m: int, max_n: int) -> None:
+    """The kernels index grad_stats flat: refuse a buffer of another shape, dtype or layout."""
+    if stats.shape != (batch, 2, max_m + max_n) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        raise ValueError(f"grad_stats buffer: expected a contiguous fp32 tensor of shape {(batch, 2, max_m + max_n)} "
+                         f"(grad_stats(batch, max_m, max_n, device)), got {stats.dtype} {tuple(stats.shape)}")
+
+
 def grad_stats(batch: int, max_m: int, max_n: int, device: torch.device) -> torch.Tensor:
     """The buffer transport_vectors fills for cosine_backward: per problem, [0] the inverse norms 1/max(|x|, eps)
     of its text rows then its region rows, [1] each row's and column's sum of T * cos."""
@@ -667,6 +674,8 @@ def transport_vectors(text: Rows, regions: Rows, text_lens: torch.Tensor, region
     """As transport_cost, with C = 1 - cos(text_i, region_j) computed in the kernel; both sides padded or packed.
     stats: a grad_stats buffer to fill for cosine_backward (which takes the plan too)."""
     assert (text.starts is None) == (regions.starts is None), "text and regions must both be padded or both packed"
+    if stats is not None:
+        _check_stats(stats, text_lens.shape[0], text.length, regions.length)
     return _forward(None, text, regions, text_lens, region_lens, solve, want_plan, tune, stats)
 
 
@@ -681,6 +690,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
     if batch == 0 or dim == 0:
         return grad_text, grad_regions
     max_m, max_n = plan.shape[1], plan.shape[2]
+    _check_stats(stats, batch, max_m, max_n)
     rule, precision = backward_launch(batch, max_m, max_n, dim, text.data.dtype, text.data.device)
     config = _tuned_backward(rule, tune)
     precision = config.pop("DOT_PRECISION", precision)
@@ -692,7 +702,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
     _cosine_grad_kernel[(batch * splits,)](
         *_rows_args(text, text_lens), *_rows_args(regions, region_lens),
         grad_text, *gx.strides, grad_regions, *gy.strides,
-        text_lens, region_lens, plan, *plan.stride(), stats.contiguous(), grad_dist.float().contiguous(),
+        text_lens, region_lens, plan, *plan.stride(), stats, grad_dist.float().contiguous(),
         max_m, max_n, dim, splits, per_split * config["BLOCK_D"], PACKED=text.starts is not None,
         DOT_PRECISION=precision, **config,
     )

@@ -407,7 +407,8 @@ def test_compiled_attention_equals_eager_in_one_graph_across_batch_shapes():
 
 
 def test_compiled_attention_draws_its_dropout_like_eager():
-    """The seed is drawn in the graph from torch's generator: the same manual_seed gives eager's masks."""
+    """The seed is drawn in the graph from torch's generator: under aot_eager the same manual_seed gives eager's
+    masks (inductor draws it with its own generator: reproducible under manual_seed, not eager's draw)."""
     compiled = _compiled(_triton_attention)
     q, k, v, cu = packed([12, 7, 1], dtype=torch.float32)
     grad = torch.randn_like(q)
@@ -418,6 +419,21 @@ def test_compiled_attention_draws_its_dropout_like_eager():
     for a, b in zip(ours, eager):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert not torch.equal(ours[0], _attend_and_grads(compiled, q, k, v, cu, grad, dropout_p=0.3)[0])  # new seed
+
+
+def test_custom_ops_keep_their_contract():
+    """torch.library.opcheck: schema, fake tensors (shapes and strides, a transposed q too), autograd registration
+    and AOT dispatch of the ops a compiled graph calls."""
+    q, k, v, cu = packed([6, 0, 3], dtype=torch.float32)
+    q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # dense, not row-major
+    seed = torch.tensor(5, dtype=torch.int64)
+    for q_in, p in ((q, 0.0), (q_t, 0.0), (q, 0.3)):
+        args = tuple(t.detach().requires_grad_() for t in (q_in, k, v)) + (cu, seed, 6, 0.25, p)
+        torch.library.opcheck(attention._attention_op, args)
+        out, lse = attention._attention_op(*args)
+        backward_args = (torch.randn_like(out), *(t.detach() for t in args[:3]), out.detach(), lse.detach(), cu,
+                         seed, 6, 0.25, p)
+        torch.library.opcheck(attention._attention_backward_op, backward_args)
 
 
 def test_compiled_attention_refuses_bad_offsets_naming_them():

@@ -302,6 +302,10 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator) ->
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"SPLITS": 0})
     with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"PROBS": 2})
+    with pytest.raises(ValueError, match=r"grad_stats buffer: expected a contiguous fp32 tensor of shape \(6, 2, "):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats[:, :, 1:], weights.float())
+    with pytest.raises(ValueError, match="grad_stats buffer"):
+        kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats.double())
 
 
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
