@@ -545,12 +545,13 @@ def test_cuda_xformers_backend_runs_or_says_why():
 
 @pytest.mark.gpu
 def test_cuda_compiled_encoder_matches_eager_in_bf16():
-    """Inductor on CUDA: the compiled encoder (fused elementwise passes, our kernels as custom ops) in one graph."""
+    """Inductor on CUDA: the compiled encoder (fused elementwise passes, our kernels as custom ops) in one graph
+    equals eager, forward and gradient."""
     from uniter_fast.config import UniterConfig
     from uniter_fast.model.encoder import Encoder
 
     lens = uniter_lens(16, seed=3)
-    config = UniterConfig.base(num_hidden_layers=2, backend="triton")
+    config = UniterConfig.base(num_hidden_layers=1, backend="triton")  # one layer: the compile is most of the time
     encoder = Encoder(config).cuda().eval()
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
@@ -568,7 +569,5 @@ def test_cuda_compiled_encoder_matches_eager_in_bf16():
     for name, ours, eager in zip(("out", "grad"), *outs):
         rel = ((ours - eager).norm() / eager.norm()).item()
         assert rel < 2e-2, f"{name}: compiled against eager, relative difference {rel:.2e}"
-    encoder.train()  # and training mode: dropout in the graph and in our kernel
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = compiled(x.clone().requires_grad_(), cu, max(lens))
-    assert bool(torch.isfinite(out).all())
+    # training mode (dropout in the graph and in our kernel) compiles again: bench_layer's ours_compile and
+    # gpu_check's compiled pre-training run cover it
