@@ -62,16 +62,16 @@ def test_zero3_run_writes_whole_parameters(tmp_path):
 
 
 def test_compiled_encoder_trains_as_eager(tmp_path):
-    """compile: the encoder under torch.compile (aot_eager here: the graph as traced, run by eager kernels) follows
+    """--compile: the encoder under torch.compile (aot_eager here: the graph as traced, run by eager kernels) follows
     the eager run's losses, and the checkpoint keeps the original key names. On the CPU "auto" takes the reference
     attention (the triton kernels under the interpreter would take minutes here); test_attention compiles those."""
     histories = []
-    for name, backend in (("eager", None), ("compiled", "aot_eager")):
+    for name, flags in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
         (tmp_path / name).mkdir()
-        path = _small_config(tmp_path / name, num_train_steps=6, log_every=3, compile=backend)
+        path = _small_config(tmp_path / name, num_train_steps=6, log_every=3)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()  # reset() keeps them; earlier tests compiled graphs too
-        assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
+        assert main(["pretrain", "--config", str(path), "--no-progress", *flags]) == 0
         histories.append(json.loads((tmp_path / name / "run" / "history.json").read_text()))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the second run did compile
     eager, compiled = ([r["loss"] for r in h] for h in histories)
