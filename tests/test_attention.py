@@ -398,12 +398,15 @@ def _triton_attention(q, k, v, cu, max_seqlen, dropout_p=0.0):
 
 def test_compiled_attention_equals_eager_in_one_graph_across_batch_shapes():
     compiled = _compiled(_triton_attention)
+    torch._dynamo.utils.counters.clear()
     for lens, seed in ((LENS, 0), ([9, 2, 30], 1), ([4, 4, 0, 12, 1], 2)):  # new totals and max_seqlen: no break
         q, k, v, cu = packed(lens, dtype=torch.float32, seed=seed)
         grad = torch.randn_like(q)
         for ours, eager in zip(_attend_and_grads(compiled, q, k, v, cu, grad),
                                _attend_and_grads(_triton_attention, q, k, v, cu, grad)):
             torch.testing.assert_close(ours, eager, atol=1e-6, rtol=1e-5)
+    # the first batch's static graph, then one with dynamic sizes for every later batch (not one per batch)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_compiled_attention_draws_its_dropout_like_eager():
