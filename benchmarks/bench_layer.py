@@ -105,7 +105,7 @@ class Case:
         if compiled:
             self.skip_compile()
         encoder = Encoder(self.config.replace(backend=backend)).to(self.device).train()
-        fn = torch.compile(encoder) if compiled else encoder
+        fn = torch.compile(encoder, dynamic=True) if compiled else encoder  # as training compiles it (loop.py)
         x = self.x.detach().requires_grad_()
 
         def run():

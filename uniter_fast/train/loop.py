@@ -189,7 +189,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     else:
         model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda)
     if cfg.compile:
-        model.uniter.encoder.compile(backend=cfg.compile)  # in place: the parameters keep their names
+        # in place: the parameters keep their names; dynamic: every batch has its own token count
+        model.uniter.encoder.compile(backend=cfg.compile, dynamic=True)
     engine = build_engine(model.to(device), cfg)
     tasks = _all_tasks(cfg)
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
