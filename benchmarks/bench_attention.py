@@ -6,6 +6,8 @@ reference/anchors.md), padded to the longest; "L=<n>" gives every sample n token
 Heads: base 12, large 16. Passes: fwd (no autograd) and fwd_bwd (forward, then backward of a random gradient).
 Implementations (the peers get padded (B, heads, N, d) inputs made outside the timing, ours the packed rows):
 - ours_triton       kernels.attention.varlen_attention(backend="triton") on (total, heads, d) with cu_seqlens;
+- ours_kernels      the same kernels through their launchers alone (attention_triton.forward / backward): no
+                    validation, dispatch or autograd, so ours_triton's excess over it is the wrapper's host time;
 - sdpa_mask         torch SDPA with a boolean key-padding mask (the memory-efficient / cuDNN kernels);
 - sdpa_padded       SDPA over the padded batch with no mask (flash; a wrong result: the padded-compute reference);
 - flex              FlexAttention under torch.compile with a padding BlockMask (built outside the timing; its build
@@ -23,6 +25,7 @@ implementation names its backend. Useful TFLOP/s count real tokens only: 4 * sum
     python benchmarks/bench_attention.py                 # the default run (about a minute on an H100)
     python benchmarks/bench_attention.py --quick
     python benchmarks/bench_attention.py --quick --graph --batches uniter   # GPU time alone, host time removed
+    python benchmarks/bench_attention.py --quick --host --batches uniter    # host time alone (issuing each call)
     python benchmarks/bench_attention.py --quick --dropout 0.1 --batches uniter   # training's attention
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py --cpu-smoke   # code paths on the CPU, tiny sizes
 """
@@ -40,14 +43,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from harness import (Skip, Timer, add_csv_options, against_ours, cuda_graph, failure, open_run, quantile,
-                     results_path)
+from harness import (Skip, Timer, add_csv_options, against_ours, cuda_graph, failure, host_times, open_run,
+                     quantile, results_path)
 
-from uniter_fast.kernels import attention, attention_xformers, reference
+from uniter_fast.kernels import attention, attention_triton, attention_xformers, reference
 
 HEADS = {"base": 12, "large": 16}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PEERS = ("sdpa_mask", "sdpa_padded", "flex", "xformers", "torch_ref")
+PEERS = ("ours_kernels", "sdpa_mask", "sdpa_padded", "flex", "xformers", "torch_ref")
 
 
 @dataclass
@@ -119,6 +122,20 @@ def ours(batch: Batch, backward: bool, dropout: float):
                                          backend="triton")
         return _backward(out, (q, k, v), batch.grad_packed, backward)
     return run, run
+
+
+def ours_kernels(batch: Batch, backward: bool, dropout: float):
+    """Our forward (and backward) launchers called directly, the backward from a forward made outside the timing."""
+    q, k, v = batch.packed
+    args = (batch.cu_seqlens, batch.max_len, q.shape[-1] ** -0.5, dropout, 1234)
+    out, lse = attention_triton.forward(q, k, v, *args)
+
+    def run():
+        if not backward:
+            return attention_triton.forward(q, k, v, *args)[0]
+        attention_triton.forward(q, k, v, *args)
+        return attention_triton.backward(batch.grad_packed, q, k, v, out, lse, *args)
+    return run, lambda: out
 
 
 def _unpad(batch: Batch, out_padded: torch.Tensor) -> torch.Tensor:
@@ -222,6 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph", action="store_true",
                    help="time every implementation replayed from a CUDA graph: GPU time without the host's (a call "
                         "that cannot be captured says why in its row)")
+    p.add_argument("--host", action="store_true",
+                   help="time the host alone: each call issued with no synchronisation, the GPU running behind")
     p.add_argument("--quick", action="store_true", help="base only, uniter and L=160 batches")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     add_csv_options(p)
@@ -233,6 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.batches, args.batch_size, args.dtype, args.reps = ["base"], ["uniter", "L=32"], 3, "fp32", 5
     if args.graph and args.cpu_smoke:
         p.error("--graph needs a GPU (CUDA graphs)")
+    if args.graph and args.host:
+        p.error("--graph and --host time different things: choose one")
     return args
 
 
@@ -241,7 +262,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
     batch = make_batch(name, args.batch_size, HEADS[model], args.head_dim, DTYPES[args.dtype], device, args.seed)
     p = args.dropout
     builders: dict[str, Callable] = {
-        "ours_triton": lambda b, bw: ours(b, bw, p), "sdpa_mask": lambda b, bw: sdpa(b, bw, True, p),
+        "ours_triton": lambda b, bw: ours(b, bw, p), "ours_kernels": lambda b, bw: ours_kernels(b, bw, p),
+        "sdpa_mask": lambda b, bw: sdpa(b, bw, True, p),
         "sdpa_padded": lambda b, bw: sdpa(b, bw, False, p),
         "flex": lambda b, bw: flex(b, bw, name, args.flex_batches, p), "xformers": lambda b, bw: xformers(b, bw, p),
         "torch_ref": lambda b, bw: torch_ref(b, bw, p)}
@@ -253,7 +275,10 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
             with torch.enable_grad() if backward else torch.no_grad():
                 out = output()
                 err = "random" if p else f"{(out.float() - batch.expected).abs().max().item():.1e}"
-                times = timer(cuda_graph(run) if args.graph else run)
+                if args.host:
+                    times = host_times(run, timer.reps, timer.warmup, timer.sync)
+                else:
+                    times = timer(cuda_graph(run) if args.graph else run)
             note = flex.note if impl == "flex" else ""
         except Skip as why:
             note = f"skipped: {why}"
@@ -262,7 +287,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
         rows.append((impl, times, err, note))
     flop = batch.useful_flop(backward)
     pad = 1 - sum(batch.lens) / (len(batch.lens) * batch.max_len)
-    mode = (" (CUDA graph replay)" if args.graph else "") + (f" dropout {p}" if p else "")
+    mode = (" (CUDA graph replay)" if args.graph else " (host time)" if args.host else "") + \
+        (f" dropout {p}" if p else "")
     print(f"\n== {pass_}{mode}  {model} ({batch.heads} heads x {args.head_dim})  B={len(batch.lens)}  {name}  "
           f"N={batch.max_len} ({pad:.0%} padding)  {args.dtype}")
     print(f"{'impl':<14}{'median_us':>11}{'p20':>10}{'p80':>10}{'TFLOP/s':>9}{'err':>10}  speed-up of ours / note")
@@ -273,7 +299,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
         print(f"{impl:<14}{m:>11.1f}{quantile(times, 2):>10.1f}{quantile(times, 8):>10.1f}{flop / m / 1e6:>9.1f}"
               f"{err:>10}  {speedup} {note}".rstrip())
         if writer is not None:
-            writer.write(dict(case=f"{pass_}{' graph' if args.graph else ''}{f' dropout={p}' if p else ''} {model} "
+            tag = " graph" if args.graph else " host" if args.host else ""
+            writer.write(dict(case=f"{pass_}{tag}{f' dropout={p}' if p else ''} {model} "
                                    f"{name}", impl=impl,
                               B=len(batch.lens), dtype=args.dtype,
                               median_us=f"{m:.2f}", speedup_vs=vs,

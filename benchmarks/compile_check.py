@@ -111,9 +111,9 @@ def loops(cubin: bytes) -> list[tuple[int, Counter]]:
 def ot_variants() -> list[Variant]:
     out = []
     lens = dict(text_lens_ptr="i64", region_lens_ptr="i64", x_starts_ptr="i64", y_starts_ptr="i64")
-    for batch in (256, 4096):  # below and above one program per SM: 8 and 4 warps for the 64 x 128 tile
+    for batch in (256, 4096):  # below and above four programs per SM of an H100 (132 SMs): 4 and 2 warps
         rule = ot._config(batch, UNITER_M, UNITER_N, None, 4)
-        rule["num_warps"] = 8 if batch <= 256 else 4
+        rule["num_warps"] = 4 if batch <= 4 * 132 else 2
         for method, tol in (("ipot", False), ("ipot", True), ("ipot_log", False), ("sinkhorn_log", False)):
             out.append(Variant(
                 f"ot cost {method}{' tol' if tol else ''} warps={rule['num_warps']}", ot._transport_kernel,
@@ -133,12 +133,13 @@ def ot_variants() -> list[Variant]:
                      DOT_PRECISION=ot._dot_precision(DTYPES[dtype], False), **_launch(rule)), rule["num_warps"]))
         grad_rule, precision = ot.backward_launch(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype])
         grad_rule = {k: v for k, v in grad_rule.items() if k != "SPLITS"}
+        stages = grad_rule.pop("num_stages")
         out.append(Variant(
             f"ot cosine backward {dtype}", ot._cosine_grad_kernel,
             dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
                  grad_ptr="fp32", **lens),
             dict(PACKED=False, DOT_PRECISION=precision, **_launch(grad_rule)),
-            grad_rule["num_warps"]))
+            grad_rule["num_warps"], stages))
     return out
 
 

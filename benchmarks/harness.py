@@ -125,6 +125,22 @@ class Timer:
         return [begin.elapsed_time(end) * 1e3 for begin, end in events]
 
 
+def host_times(fn: Callable[[], object], reps: int, warmup: int, sync: Callable[[], None]) -> list[float]:
+    """Per-call host time in us: each call timed alone with no synchronisation between calls, so the GPU runs
+    behind and each time is what the host spends issuing the call (its queue of about a thousand launches is not
+    reached at these reps)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    sync()
+    return times
+
+
 def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
     """fn captured in one CUDA graph (warmed up on a side stream first); returns the replay."""
     stream = torch.cuda.Stream()

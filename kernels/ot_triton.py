@@ -39,7 +39,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
 TILE_TARGET = 4096  # elements per program: small problems are packed together up to this
 MAX_PROBS = 16
-COL_LANES = 16  # lanes along a row of the tile (fewest instructions per iteration of the 64 x 128 tile: _config)
+# lanes along a row of the tile: from a cost 32 (1.18-1.20x faster than 16 at B=256, 1024 and 4096 on an H100,
+# tune_kernels.py 2026-11-27); from vectors 16 (fewest instructions per iteration of the 64 x 128 tile)
+COST_COL_LANES = 32
+VECTOR_COL_LANES = 16
 
 _NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
 _FOLD_RANGE = tl.constexpr(30.0)  # the factored IPOT plan's W drifts from T by at most exp(this)
@@ -519,14 +522,11 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
     COL_LANES lanes along a row, SHRINK (half tiles for short problems) wherever one problem has a program and
     both halves hold 16 rows and COL_LANES columns. Warp counts:
     - from a cost: as many problems per program as fit TILE_TARGET elements; 32 tile elements per thread while the
-      batch fits one program per SM, 64 beyond. From the sm_90 code (cuobjdump, Triton 3.6 / 3.9) of one IPOT
-      iteration of the 64 x 128 tile, 16 lanes along a row, the plan factored: 371 / 389 instructions per thread
-      at 8 warps (184 / 160 registers: one program per SM), 558 / 593 at 4 warps (254 / 255 registers: two per
-      SM), each with 64 or 128 multiplies that run only one iteration in `fold` (7 at beta 0.5); the shrunk
-      tiles take 240 (32 x 64), 362 (32 x 128) and 355 (64 x 64) at 4 warps. The (problem, row, column) tile
-      with the plain plan took 2016 at 4 warps and 1053 at 8. A small batch waits on one iteration's chain
-      (fewest instructions per thread), a large one on the SMs' issue rate (fewest per problem). Not yet timed
-      on a GPU: benchmarks/tune_kernels.py sweeps the options;
+      batch fits one program per SM, 64 while it fits four, 128 beyond. On an H100 (tune_kernels.py, 2026-11-27,
+      the 64 x 128 tile, 16 lanes): 2 warps against 4 ran 1.34x faster at B=1024 and 1.45x at B=4096 (fewer
+      instructions per problem: the large batch waits on the SMs' issue rate) and 0.75x at B=256 (there one
+      iteration's chain is the wait: fewest instructions per thread); 8 warps ran 0.47-0.55x. The sm_90 code of
+      one iteration (cuobjdump, Triton 3.6): 371 instructions per thread at 8 warps, 558 at 4 (the plan factored);
     - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
       per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26); fp32 products
       (fp32 inputs, and fp16's backward: elem_bytes 4) 8 warps and 16 dims from the 64 x 128 tile up (without
@@ -537,13 +537,15 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
     if dim is not None:
         wide = elem_bytes == 4 and block_m * block_n >= 8192
         return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16 if wide else 32,
-                    COL_LANES=min(COL_LANES, block_n), SHRINK=min(block_m, block_n) >= 32,
+                    COL_LANES=min(VECTOR_COL_LANES, block_n), SHRINK=min(block_m, block_n) >= 32,
                     num_warps=8 if wide else 4)
     probs = max(1, min(TILE_TARGET // (block_m * block_n), MAX_PROBS, next_pow2(max(batch, 1))))
     elements = probs * block_m * block_n
-    per_thread = 64 if batch > _sm_count(device) else 32
-    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, COL_LANES=min(COL_LANES, block_n),
-                SHRINK=probs == 1 and min(block_m, block_n) >= 32,
+    sms = _sm_count(device)
+    per_thread = 32 if batch <= sms else 64 if batch <= 4 * sms else 128
+    shrink = probs == 1 and min(block_m, block_n) >= 32
+    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16,
+                COL_LANES=min(COST_COL_LANES, block_n // 2 if shrink else block_n), SHRINK=shrink,
                 num_warps=min(max(elements // (32 * per_thread), 1), 16))
 
 
@@ -568,7 +570,8 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
 
 def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     """fp32 inputs: exact products ("ieee"; tf32 would cost the cosine three digits; "tf32x3", three tensor-core
-    products with about fp32's error, is swept by tune_kernels: it compiles without spilling on sm_90).
+    products with about fp32's error, is swept by tune_kernels for the forward: 1.39x faster there at B=1024 on an
+    H100, 2026-11-27, but the same precision crashed the backward's kernel, so it is not the rule).
     bf16: tensor cores, bf16 operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16
     operands forward, exact backward (tf32 is no finer than the fp16 gradient it would feed)."""
     if dtype == torch.float32 or (backward and dtype == torch.float16):
@@ -586,14 +589,15 @@ def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.d
     """The cosine backward's launch rule and its products' precision: the forward's tile, dims and warps (exact
     products run on the FMA units like fp32 inputs', so they take fp32's launch: for fp16, 4 warps and 32 dims
     spilled 7.7 KB on sm_90), and each problem's dims split over SPLITS programs until the batch makes four
-    programs per SM."""
+    programs per SM. One pipeline stage: 1.73x faster than three for bf16 at B=1024 on an H100 (tune_kernels.py,
+    2026-11-27; two 1.34x, four 0.91x), and fp32's exact products take 127 registers against 255 (sm_90)."""
     precision = _dot_precision(dtype, True)
     elem_bytes = 4 if precision == "ieee" else torch.empty(0, dtype=dtype).element_size()
     rule = _config(batch, max_m, max_n, dim, elem_bytes, device)
     chunks = cdiv(dim, rule["BLOCK_D"])
     splits = min(chunks, cdiv(4 * _sm_count(device), max(batch, 1)))
     return dict(BLOCK_M=rule["BLOCK_M"], BLOCK_N=rule["BLOCK_N"], BLOCK_D=rule["BLOCK_D"], SPLITS=splits,
-                num_warps=rule["num_warps"]), precision
+                num_warps=rule["num_warps"], num_stages=1), precision
 
 
 def _tuned_backward(rule: dict, tune: dict | None) -> dict:
@@ -603,8 +607,10 @@ def _tuned_backward(rule: dict, tune: dict | None) -> dict:
     config = {**rule, **(tune or {})}
     if config["BLOCK_D"] not in (16, 32, 64, 128) or not (isinstance(config["SPLITS"], int) and config["SPLITS"] >= 1):
         raise ValueError(f"tune={tune}: BLOCK_D must be 16, 32, 64 or 128 and SPLITS a positive int")
-    if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"tune={tune}: DOT_PRECISION must be ieee, tf32 or tf32x3")
+    if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32"):
+        # tf32x3 compiles, but its fp32 launch hit an illegal memory access on an H100 (Triton 3.6, 2026-11-27)
+        raise ValueError(f"tune={tune}: the cosine backward's DOT_PRECISION must be ieee or tf32 (tf32x3 crashed "
+                         f"its kernel on sm_90 with Triton 3.6)")
     return config
 
 

@@ -300,6 +300,9 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator) ->
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
     with pytest.raises(ValueError, match="SPLITS a positive int"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"SPLITS": 0})
+    with pytest.raises(ValueError, match="tf32x3 crashed"):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
+                                tune={"DOT_PRECISION": "tf32x3"})
     with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"PROBS": 2})
     with pytest.raises(ValueError, match=r"grad_stats buffer: expected a contiguous fp32 tensor of shape \(6, 2, "):
