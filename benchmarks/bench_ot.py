@@ -37,6 +37,7 @@ block go to its speedup_vs column as peer=ratio pairs.
 
     python benchmarks/bench_ot.py                      # the default run (aimed at about 90 s on an H100)
     python benchmarks/bench_ot.py --quick --no-compile # smoke test on a GPU
+    python benchmarks/bench_ot.py --host --no-compile --sizes 256 --cases wra_fwd,wra_fwd_bwd   # host time alone
     TRITON_INTERPRET=1 python benchmarks/bench_ot.py --cpu-smoke   # code paths on the CPU, tiny sizes
 """
 from __future__ import annotations
@@ -54,7 +55,7 @@ from typing import Callable
 
 import torch
 from harness import (MIN_REPS, TARGET_S, CsvWriter, Skip, Timer, add_csv_options, cuda_graph, device_name, failure,
-                     fraction, median, quantile, ratio, results_path, triton_version)
+                     fraction, host_times, median, quantile, ratio, results_path, triton_version)
 
 from uniter_fast.kernels import ot as uot
 from uniter_fast.kernels import reference
@@ -118,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"about {TARGET_S} s each)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles, captures) (default 3)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (about 20 s to compile)")
+    p.add_argument("--host", action="store_true",
+                   help="time the host alone: each call issued with no synchronisation, the GPU running behind "
+                        "(the floor and x fwd columns then compare host times)")
     p.add_argument("--quick", action="store_true", help="the smallest size only, few reps: a smoke test")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: tiny sizes on the CPU, our kernels under TRITON_INTERPRET=1, no CUDA graph or "
@@ -392,7 +396,9 @@ class Block:
                     timed, checked = build()
                     dist, grads = checked()
                     result.err = self.oracle.error(algo, dist, grads)
-                    result.times_us = self.ctx.timer(timed)
+                    timer = self.ctx.timer
+                    result.times_us = (host_times(timed, timer.reps, timer.warmup, timer.sync) if self.ctx.args.host
+                                       else timer(timed))
                 except Skip as why:
                     result.note = f"skipped: {why}"
                 except Exception as err:  # a peer that fails is reported, the others still run
@@ -428,7 +434,7 @@ class Block:
     def print(self) -> None:
         s, args = self.ctx.shape, self.ctx.args
         nbytes, what = self.floor_bytes()
-        print(f"\n== {self.case}  B={self.B}  {self.dtype_name}  M={s.M} N={s.N}"
+        print(f"\n== {self.case}{' (host time)' if args.host else ''}  B={self.B}  {self.dtype_name}  M={s.M} N={s.N}"
               f"{'' if self.case == 'fwd_cost' else f' D={s.D}'}  it={args.iterations}  "
               f"floor {self.floor_us():.1f} us ({what}: {nbytes / 1e6:.1f} MB at {args.bandwidth / 1e12:.2f} TB/s)")
         fwd = self.ctx.forward_medians
@@ -471,7 +477,7 @@ class Block:
             if self.case == "wra_fwd_bwd" and forward:
                 notes.append(f"x_fwd={r.median / forward:.2f}")
             speedup = ";".join(f"{name}={ratio:.2f}" for name, ratio in self.speedups(r)) if r.ours else ""
-            self.ctx.writer.write(dict(case=self.case, impl=r.impl, B=self.B, dtype=self.dtype_name,
+            self.ctx.writer.write(dict(case=self.case + (" host" if args.host else ""), impl=r.impl, B=self.B, dtype=self.dtype_name,
                                        median_us=f"{r.median:.2f}", speedup_vs=speedup, notes=" ".join(notes)))
 
 

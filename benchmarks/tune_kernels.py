@@ -11,7 +11,7 @@ Each row prints the median, the ratio to the rule's own launch ("rule") and the 
 result from the rule's (a launch that breaks the kernel shows there). Nothing is written to results.csv: the
 chosen rule is measured by bench_attention.py and bench_ot.py.
 
-    python benchmarks/tune_kernels.py                    # 67 s on an H100 (2026-11-27)
+    python benchmarks/tune_kernels.py                    # about 110 s on an H100 or H200 (2026-11-27)
     TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --cpu-smoke
 """
 from __future__ import annotations
@@ -38,10 +38,11 @@ from uniter_fast.kernels.attention_triton import Launch
 ATTN_FORWARD = [Launch(64, 32, 4, 3), Launch(64, 64, 4, None), Launch(64, 32, 4, 2), Launch(64, 32, 4, 4),
                 Launch(64, 32, 8, 3), Launch(128, 32, 8, 3), Launch(32, 32, 4, 3)]
 ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 2), Launch(32, 32, 2, 1), Launch(32, 32, 4, 1)]
-# each list starts with the rule ({}); the overrides are the alternatives the last sweep left close (H100, 2026-11-27)
-OT_COST = [{}, {"num_warps": 4}, {"num_warps": 2}, {"COL_LANES": 16}, {"COL_LANES": 16, "num_warps": 4},
-           {"COL_LANES": 16, "num_warps": 2}, {"num_warps": 8}, {"SHRINK": False}]
-OT_VECTORS = [{}, {"num_warps": 2}, {"COL_LANES": 32}, {"COL_LANES": 32, "num_warps": 2}, {"BLOCK_D": 64},
+# each list starts with the rule ({}); the overrides are the alternatives the last sweeps left close (H100 and
+# H200, 2026-11-27: the numbers are in ot_triton._config's docstring)
+OT_COST = [{}, {"COL_LANES": 32, "num_warps": 4}, {"COL_LANES": 16, "num_warps": 2}, {"COL_LANES": 32},
+           {"COL_LANES": 16}, {"num_warps": 8}, {"SHRINK": False}]
+OT_VECTORS = [{}, {"COL_LANES": 16}, {"num_warps": 2, "COL_LANES": 16}, {"num_warps": 2}, {"BLOCK_D": 64},
               {"num_stages": 2}, {"SHRINK": False}]
 OT_BACKWARD = [{}, {"num_stages": 2}, {"num_warps": 8}, {"num_warps": 2}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
                {"BLOCK_D": 64, "num_warps": 8}, {"SPLITS": 1}, {"SPLITS": 2}, {"SPLITS": 8}]

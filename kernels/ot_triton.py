@@ -39,10 +39,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TILE = 128 * 256  # the largest tile served (beyond 128 x 128 it spills registers on sm_90, correct still)
 TILE_TARGET = 4096  # elements per program: small problems are packed together up to this
 MAX_PROBS = 16
-# lanes along a row of the tile: from a cost 32 (1.18-1.20x faster than 16 at B=256, 1024 and 4096 on an H100,
-# tune_kernels.py 2026-11-27); from vectors 16 (fewest instructions per iteration of the 64 x 128 tile)
-COST_COL_LANES = 32
-VECTOR_COL_LANES = 16
+# lanes along a row of the tile: 32 with 4 warps or more, 16 with fewer (_config; tune_kernels.py, 2026-11-27)
+WIDE_COL_LANES, NARROW_COL_LANES = 32, 16
 
 _NORM_EPS = tl.constexpr(1e-5)  # F.normalize's eps in UNITER's cosine cost
 _FOLD_RANGE = tl.constexpr(30.0)  # the factored IPOT plan's W drifts from T by at most exp(this)
@@ -522,31 +520,41 @@ def _config(batch: int, max_m: int, max_n: int, dim: int | None, elem_bytes: int
     COL_LANES lanes along a row, SHRINK (half tiles for short problems) wherever one problem has a program and
     both halves hold 16 rows and COL_LANES columns. Warp counts:
     - from a cost: as many problems per program as fit TILE_TARGET elements; 32 tile elements per thread while the
-      batch fits one program per SM, 64 while it fits four, 128 beyond. On an H100 (tune_kernels.py, 2026-11-27,
-      the 64 x 128 tile, 16 lanes): 2 warps against 4 ran 1.34x faster at B=1024 and 1.45x at B=4096 (fewer
-      instructions per problem: the large batch waits on the SMs' issue rate) and 0.75x at B=256 (there one
-      iteration's chain is the wait: fewest instructions per thread); 8 warps ran 0.47-0.55x. The sm_90 code of
-      one iteration (cuobjdump, Triton 3.6): 371 instructions per thread at 8 warps, 558 at 4 (the plan factored);
-    - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps and 32 dims
-      per step (1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26); fp32 products
-      (fp32 inputs, and fp16's backward: elem_bytes 4) 8 warps and 16 dims from the 64 x 128 tile up (without
-      spilling on sm_90: cuobjdump, benchmarks/compile_check.py)."""
+      batch fits one program per SM, 64 while it fits four, 128 beyond; 32 lanes along a row at 4 warps, 16 at 2.
+      The 64 x 128 tile's sweep (tune_kernels.py, 2026-11-27; H100 / H200 in us):
+        B=256:  32 lanes 4 warps 84.3 / 83.3, 16 lanes 4 warps 101.0 / 101.9, 16 lanes 2 warps 134.1 / 133.7
+        B=1024: 16 lanes 2 warps 227.5 / 229.2, 32 lanes 4 warps 253.5 / 257.9, 32 lanes 2 warps - / 294.5
+        B=4096: 16 lanes 2 warps 724.7 / 743.9, 32 lanes 4 warps 889.4 / 916.0, 32 lanes 2 warps - / 969.1
+      and 8 warps 0.46-0.55x. A small batch waits on one iteration's chain (fewest instructions per thread), a
+      large one on the SMs' issue rate (fewest instructions per problem);
+    - from vectors: one problem per program, its cosine one 2-D matrix product; 16-bit inputs 4 warps, 32 dims
+      per step and 32 lanes (the lanes: 1.15x at B=1024 and 1.16x at B=256 against 16 on an H200, 2026-11-27;
+      the rest: 1.2x forward, 1.7x backward against 8 warps and 16 dims on an H200, 2026-11-26); fp32 products
+      (fp32 inputs, and fp16's backward: elem_bytes 4) 8 warps, 16 dims and 16 lanes from the 64 x 128 tile up
+      (without spilling on sm_90: cuobjdump, benchmarks/compile_check.py)."""
     floor = 1 if dim is None else 16
     block_m = max(next_pow2(max(max_m, 1)), floor)
     block_n = max(next_pow2(max(max_n, 1)), floor)
     if dim is not None:
         wide = elem_bytes == 4 and block_m * block_n >= 8192
+        shrink = min(block_m, block_n) >= 32
         return dict(PROBS=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16 if wide else 32,
-                    COL_LANES=min(VECTOR_COL_LANES, block_n), SHRINK=min(block_m, block_n) >= 32,
+                    COL_LANES=_lanes(NARROW_COL_LANES if wide else WIDE_COL_LANES, block_n, shrink), SHRINK=shrink,
                     num_warps=8 if wide else 4)
     probs = max(1, min(TILE_TARGET // (block_m * block_n), MAX_PROBS, next_pow2(max(batch, 1))))
     elements = probs * block_m * block_n
     sms = _sm_count(device)
     per_thread = 32 if batch <= sms else 64 if batch <= 4 * sms else 128
+    warps = min(max(elements // (32 * per_thread), 1), 16)
     shrink = probs == 1 and min(block_m, block_n) >= 32
-    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16,
-                COL_LANES=min(COST_COL_LANES, block_n // 2 if shrink else block_n), SHRINK=shrink,
-                num_warps=min(max(elements // (32 * per_thread), 1), 16))
+    lanes = _lanes(WIDE_COL_LANES if warps >= 4 else NARROW_COL_LANES, block_n, shrink)
+    return dict(PROBS=probs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, COL_LANES=lanes, SHRINK=shrink,
+                num_warps=warps)
+
+
+def _lanes(lanes: int, block_n: int, shrink: bool) -> int:
+    """At most the tile's columns, or its half tile's where it shrinks."""
+    return min(lanes, block_n // 2 if shrink else block_n)
 
 
 def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
