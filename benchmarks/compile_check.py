@@ -160,11 +160,12 @@ def attention_variants() -> list[Variant]:
                     f"attention forward {tag}", attn._fwd_kernel,
                     dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE="fp32", CU="i32"),
                     dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, **flags), fwd.num_warps, fwd.num_stages or 3))
-                out.append(Variant(
-                    f"attention backward {tag}", attn._bwd_kernel,
-                    dict(Q=dtype, K=dtype, V=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE="fp32",
-                         DELTA="fp32", CU="i32"),
-                    dict(BLOCK=bwd.block_m, **flags), bwd.num_warps, bwd.num_stages or 3))
+                for fused in (False, True) if dtype == "bf16" and head_dim == 64 else (bwd.fused_delta,):
+                    out.append(Variant(
+                        f"attention backward {tag}{' fused delta' if fused else ''}", attn._bwd_kernel,
+                        dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE="fp32",
+                             DELTA="fp32", CU="i32"),
+                        dict(BLOCK=bwd.block_m, FUSED_DELTA=fused, **flags), bwd.num_warps, bwd.num_stages or 3))
         out.append(Variant(f"attention delta {dtype}", attn._delta_kernel,
                            dict(O=dtype, DO=dtype, DELTA="fp32"), dict(BLOCK_T=64, BLOCK_D=64)))
     out.append(Variant("attention keep mask", attn._keep_mask_kernel, dict(OUT="i8", CU="i32"),

@@ -37,7 +37,8 @@ from uniter_fast.kernels.attention_triton import Launch
 
 ATTN_FORWARD = [Launch(64, 32, 4, 3), Launch(64, 64, 4, None), Launch(64, 32, 4, 2), Launch(64, 32, 4, 4),
                 Launch(64, 32, 8, 3), Launch(128, 32, 8, 3), Launch(32, 32, 4, 3)]
-ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 2), Launch(32, 32, 2, 1), Launch(32, 32, 4, 1)]
+ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 1, fused_delta=True), Launch(64, 64, 4, 2),
+                 Launch(32, 32, 4, 1)]
 # each list starts with the rule ({}); the overrides are the alternatives the last sweeps left close (H100 and
 # H200, 2026-11-27: the numbers are in ot_triton._config's docstring)
 OT_COST = [{}, {"COL_LANES": 32, "num_warps": 4}, {"COL_LANES": 16, "num_warps": 2}, {"COL_LANES": 32},

@@ -6,7 +6,8 @@ the longest sample, samples, heads); a program past its sample's length returns 
 on padding and nothing crosses samples.
 - Forward: FlashAttention-2's online softmax in base 2; saves only the log-sum-exp (base 2, fp32, (total, heads)).
 - Backward: one program per (block, sample, head) computes dK and dV of its key block (looping over the query
-  blocks), then dQ of its query block (looping over the key blocks): no atomics, so it is deterministic.
+  blocks), then dQ of its query block (looping over the key blocks): no atomics, so it is deterministic. Its
+  rowsum(O dO) comes from a launch before it, or (Launch.fused_delta) from O beside each dO it reads.
 - Dropout: Philox (tl.randint4x) keyed by seed + b * heads + h, counter i * ceil(max_seqlen / 8) + j // 8 for
   query i and keys j of the sample, a 16-bit draw per key: the backward and `dropout_keep_mask` regenerate the
   forward's mask exactly.
@@ -109,13 +110,22 @@ def _delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot, stride_
     tl.store(DELTA + rows.to(tl.int64) * tl.num_programs(1) + h, tl.sum(o * do, 1), mask=rows < total)
 
 
+@triton.jit
+def _row_delta(o_head, stride_ot, do, offs, mask, dmask):
+    """rowsum(O * dO) of rows offs, in fp32: FUSED_DELTA's way of reading DELTA (do: those rows of dO, loaded)."""
+    o = tl.load(o_head + offs[:, None] * stride_ot, mask=mask[:, None] & dmask, other=0.0)
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
 @triton.jit(do_not_specialize=["seed"])
-def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, stride_vt, stride_dot, stride_lt,
-                stride_qh, stride_kh, stride_vh, stride_doh, heads, max_seqlen, scale, scale_log2, drop_threshold,
-                keep_scale, seed,
+def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
+                stride_lt, stride_qh, stride_kh, stride_vh, stride_oh, stride_doh, heads, max_seqlen, scale, scale_log2,
+                drop_threshold, keep_scale, seed,
                 head_dim, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
-    """dq, dk, dv share q's (contiguous) layout; LSE and DELTA = rowsum(out * dout) are (total, heads) fp32."""
+                DOT_PRECISION: tl.constexpr, FUSED_DELTA: tl.constexpr):
+    """dq, dk, dv share q's (contiguous) layout; LSE and DELTA = rowsum(out * dout) are (total, heads) fp32.
+    FUSED_DELTA: each program sums O * dO of the rows it reads itself (DELTA unread), so the backward is one launch
+    instead of two, for a load of O beside each load of dO."""
     pid, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start = tl.load(CU + b).to(tl.int64)
     length = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
@@ -129,6 +139,7 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
     k_head = K + start * stride_kt + h * stride_kh + dcol
     v_head = V + start * stride_vt + h * stride_vh + dcol
     do_head = DO + start * stride_dot + h * stride_doh + dcol
+    o_head = O + start * stride_ot + h * stride_oh + dcol
     lse_head, delta_head = LSE + start * stride_lt + h, DELTA + start * stride_lt + h
     own = pid * BLOCK + tl.arange(0, BLOCK)  # this program's key block, then its query block
     mask_own = own < length
@@ -148,7 +159,10 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
         lse = tl.load(lse_head + offs_m * stride_lt, mask=mask_m, other=0.0)
-        delta = tl.load(delta_head + offs_m * stride_lt, mask=mask_m, other=0.0)
+        if FUSED_DELTA:
+            delta = _row_delta(o_head, stride_ot, do, offs_m, mask_m, dmask)
+        else:
+            delta = tl.load(delta_head + offs_m * stride_lt, mask=mask_m, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         p = tl.where(mask_m[:, None] & mask_own[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -172,7 +186,10 @@ def _bwd_kernel(Q, K, V, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, s
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
     lse = tl.load(lse_head + own * stride_lt, mask=mask_own, other=0.0)
-    delta = tl.load(delta_head + own * stride_lt, mask=mask_own, other=0.0)
+    if FUSED_DELTA:
+        delta = _row_delta(o_head, stride_ot, do, own, mask_own, dmask)
+    else:
+        delta = tl.load(delta_head + own * stride_lt, mask=mask_own, other=0.0)
     dq = tl.zeros([BLOCK, BLOCK_D], tl.float32)
     for n0 in range(0, length, BLOCK):
         offs_n = n0 + tl.arange(0, BLOCK)
@@ -222,12 +239,14 @@ def unsupported(q: torch.Tensor) -> str | None:
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel call's tile (query rows x key rows; the backward's is square), warps and pipeline stages."""
+    """One kernel call's tile (query rows x key rows; the backward's is square), warps and pipeline stages;
+    fused_delta (backward only): rowsum(O dO) inside the backward kernel rather than in a launch of its own."""
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int | None = None  # None: triton's default
+    fused_delta: bool = False
 
     def kwargs(self) -> dict:
         return dict(num_warps=self.num_warps, **({} if self.num_stages is None else {"num_stages": self.num_stages}))
@@ -329,24 +348,28 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     grad_out = grad_out.contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
     out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
-    _check_row_offsets(max_seqlen, q, k, v, grad_out)
+    _check_row_offsets(max_seqlen, q, k, v, out, grad_out)
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if batch == 0 or total == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # rowsum(O dO) = rowsum(P dP)
-    _delta_kernel[(cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
-                                                   grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
-                                                   BLOCK_D=_block_d(head_dim))
     launch = launch or backward_launch(max_seqlen, head_dim, q.dtype)
     assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
+    if launch.fused_delta:
+        delta = lse  # unread
+    else:
+        delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # rowsum(O dO) = rowsum(P dP)
+        _delta_kernel[(cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
+                                                grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
+                                                BLOCK_D=_block_d(head_dim))
     grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     _bwd_kernel[grid](
-        q, k, v, grad_out, dq, dk, dv, lse, delta, cu_seqlens, q.stride(0), k.stride(0), v.stride(0),
-        grad_out.stride(0), lse.stride(0), q.stride(1), k.stride(1), v.stride(1), grad_out.stride(1), heads,
-        max_seqlen, softmax_scale, softmax_scale * LOG2E, *_dropout_args(dropout_p), seed, head_dim=head_dim,
-        BLOCK_D=_block_d(head_dim), BLOCK=launch.block_m, **launch.kwargs(), **_flags(q.dtype, dropout_p),
+        q, k, v, out, grad_out, dq, dk, dv, lse, delta, cu_seqlens, q.stride(0), k.stride(0), v.stride(0),
+        out.stride(0), grad_out.stride(0), lse.stride(0), q.stride(1), k.stride(1), v.stride(1), out.stride(1),
+        grad_out.stride(1), heads, max_seqlen, softmax_scale, softmax_scale * LOG2E, *_dropout_args(dropout_p), seed,
+        head_dim=head_dim, BLOCK_D=_block_d(head_dim), BLOCK=launch.block_m, FUSED_DELTA=launch.fused_delta,
+        **launch.kwargs(), **_flags(q.dtype, dropout_p),
     )
     return dq, dk, dv
 

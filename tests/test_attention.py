@@ -78,18 +78,20 @@ def test_rows_beyond_32_bit_offsets_are_refused():
     assert attention.varlen_attention(q, q, q, cu, 4, backend="triton").shape == q.shape
 
 
-@pytest.mark.parametrize("launch", [(64, 32, 4, 2), (32, 32, 2, 1), (128, 128, 8, None)])
+@pytest.mark.parametrize("launch", [(64, 32, 4, 2, False), (32, 32, 2, 1, True), (128, 128, 8, None, False)])
 def test_every_launch_gives_the_same_result(launch):
-    """benchmarks/tune_kernels.py sweeps tiles, warps and stages: each must compute what the rule's launch does."""
+    """benchmarks/tune_kernels.py sweeps tiles, warps, stages and where the backward's rowsum(O dO) is made: each
+    must compute what the rule's launch does."""
     from uniter_fast.kernels import attention_triton as kernels
 
     q, k, v, cu = packed(LENS, dtype=torch.float32)
     grad, n, scale = torch.randn_like(q), max(LENS), 16 ** -0.5
     out, lse = kernels.forward(q, k, v, cu, n, scale, 0.0, 0)
     grads = kernels.backward(grad, q, k, v, out, lse, cu, n, scale, 0.0, 0)
-    m, n_, warps, stages = launch
+    m, n_, warps, stages, fused = launch
     out2, lse2 = kernels.forward(q, k, v, cu, n, scale, 0.0, 0, kernels.Launch(m, n_, warps, stages))
-    grads2 = kernels.backward(grad, q, k, v, out2, lse2, cu, n, scale, 0.0, 0, kernels.Launch(m, m, warps, stages))
+    grads2 = kernels.backward(grad, q, k, v, out2, lse2, cu, n, scale, 0.0, 0,
+                              kernels.Launch(m, m, warps, stages, fused_delta=fused))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (out2, lse2, *grads2)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda msg: f"{name}: {msg}")
 

@@ -228,6 +228,27 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
 
 
 
+def test_launch_rule_is_a_launch_the_kernels_take() -> None:
+    """_config's rule passes _tuned's checks for every side length and batch (lanes within the half tile where it
+    shrinks), and its lanes follow its warps as tune_kernels.py's sweeps chose."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    for batch in (1, 3, 5):  # on the CPU one SM: one program per SM, within four, beyond
+        for m in (1, 2, 7, 16, 33, 60, 100, 128):
+            for n in (1, 3, 16, 31, 40, 64, 100, 128):
+                for dim, elem in ((None, 4), (768, 2), (768, 4)):
+                    rule = kernels._config(batch, m, n, dim, elem)
+                    config = kernels._tuned(rule, None, dim)
+                    assert config["COL_LANES"] <= config["BLOCK_N"] // (2 if config["SHRINK"] else 1), config
+                    if dim is None:  # from a cost
+                        wanted = 32 if config["num_warps"] >= 4 else 16
+                    else:  # from vectors: 16-bit 4 warps and 32 lanes, fp32's widest tiles 8 warps and 16 lanes
+                        wanted = 16 if config["num_warps"] == 8 else 32
+                    assert config["COL_LANES"] == min(wanted, config["BLOCK_N"] // (2 if config["SHRINK"] else 1))
+    uniter = [kernels._config(b, 60, 100, None, 4) for b in (1, 3, 5)]
+    assert [(c["num_warps"], c["COL_LANES"]) for c in uniter] == [(8, 32), (4, 32), (2, 16)]
+
+
 # sides past 32 (64 x 64 tiles, one problem per program): each of the four half/full tiles serves a problem
 SIZES_LONG = [(3, 40), (20, 5), (33, 2), (2, 2), (40, 50), (0, 40)]
 
@@ -247,6 +268,11 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
                                                 tune={"SHRINK": False})
     torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(plan, full_plan, rtol=1e-5, atol=1e-9)  # another summation order
+    for lanes in (16, 32):  # both rules' lanes on the half tiles (32: all of a 64-column half tile's)
+        dist_l, plan_l, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True,
+                                                   tune={"COL_LANES": lanes, "num_warps": 4})
+        torch.testing.assert_close(dist_l, dist, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(plan_l, plan, rtol=1e-5, atol=1e-9)
     expected = reference.ipot_plan_ref(cost.double(), text_lens, region_lens, beta=0.5, iterations=8)
     assert_plan(plan, expected, text_lens, region_lens, rtol=1e-3 if method == "ipot_log" else 1e-4)
 
@@ -257,6 +283,11 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
                                                    tune={"SHRINK": False})
     torch.testing.assert_close(dist, full, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(plan, full_plan, rtol=1e-5, atol=1e-9)  # another summation order
+    for lanes in (16, 32):  # both rules' lanes on the half tiles (32: all of a 64-column half tile's)
+        dist_l, plan_l, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True,
+                                                   tune={"COL_LANES": lanes, "num_warps": 4})
+        torch.testing.assert_close(dist_l, dist, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(plan_l, plan, rtol=1e-5, atol=1e-9)
     assert bool((plan[pad_mask(plan, text_lens, region_lens)] == 0).all())
     # with a tolerance, each problem stops on its own iteration on either tile
     tol_solve = kernels.Solve(method, scale=2.0, iterations=30, tol=1e-3)
