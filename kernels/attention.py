@@ -177,6 +177,9 @@ def varlen_attention(
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                               softmax_scale=scale)
     seed = int(torch.randint(2**62, (), dtype=torch.int64, device="cpu")) if dropout_p > 0 else 0
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # no gradient wanted (evaluation, retrieval): the launcher alone, without autograd.Function's host time
+        return _kernels().forward(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)[0]
     return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
 
 

@@ -105,6 +105,21 @@ def test_double_backward_is_refused_clearly():
         dq.sum().backward()
 
 
+def test_calls_without_gradients_skip_autograd_and_match():
+    """Evaluation calls (no_grad, or inputs that need no gradient) run the kernels without autograd.Function: the
+    same output as a training call, and no graph behind it; a training call keeps its graph."""
+    q, k, v, cu = packed([6, 3, 0, 11], dtype=torch.float32)
+    q.requires_grad_()
+    trained = attention.varlen_attention(q, k, v, cu, 11, backend="triton")
+    assert trained.grad_fn is not None
+    with torch.no_grad():
+        evaluated = attention.varlen_attention(q, k, v, cu, 11, backend="triton")
+    plain = attention.varlen_attention(q.detach(), k, v, cu, 11, backend="triton")
+    for out in (evaluated, plain):
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, trained.detach(), rtol=0, atol=0)
+
+
 def test_softmax_scale_is_used():
     q, k, v, cu = packed([9, 4], dtype=torch.float32)
     grad = torch.randn_like(q)
