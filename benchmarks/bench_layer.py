@@ -20,6 +20,7 @@ peer, and ours_compile's ratio to each BertModel. Rows are appended to benchmark
     python benchmarks/bench_layer.py                   # base and large (about a minute on an H100 with compile)
     python benchmarks/bench_layer.py --quick           # base only, no compile
     python benchmarks/bench_layer.py --quick --profile # and where ours_triton's step goes (torch.profiler)
+    python benchmarks/bench_layer.py --quick --host    # the host's time per step alone
     TRITON_INTERPRET=1 python benchmarks/bench_layer.py --cpu-smoke
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ import contextlib
 import time
 
 import torch
-from harness import Skip, add_csv_options, against_ours, failure, median, open_run, quantile, ratio, results_path
+from harness import (Skip, add_csv_options, against_ours, failure, host_times, median, open_run, quantile, ratio,
+                     results_path)
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -197,6 +199,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip ours_compile and hf_compile (about 30 s each per model)")
     p.add_argument("--quick", action="store_true", help="base only, no compile")
     p.add_argument("--cpu-smoke", action="store_true", help="a 2-layer toy on the CPU under TRITON_INTERPRET=1")
+    p.add_argument("--host", action="store_true",
+                   help="time the host alone: each step issued from an idle GPU without waiting for it (a step whose "
+                        "host time is below its GPU time is GPU-bound)")
     p.add_argument("--profile", action="store_true",
                    help="then profile ours_triton's and ours_compile's step: wall against kernel time, the costliest kernels and ops")
     add_csv_options(p)
@@ -221,7 +226,8 @@ def main(argv=None) -> int:
         for impl in IMPLS:
             times, note = None, ""
             try:
-                times = timer(case.build(impl))
+                run = case.build(impl)
+                times = host_times(run, timer.reps, timer.warmup, timer.sync) if args.host else timer(run)
                 note = case.compile_notes.get(impl, "")
             except Skip as why:
                 note = f"skipped: {why}"
@@ -235,7 +241,8 @@ def main(argv=None) -> int:
                 with contextlib.suppress(Skip):
                     profile_step(impl, case.build(impl), device)
         tokens = sum(case.lens)
-        print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size})  B={len(case.lens)}  "
+        mode = " (host time)" if args.host else ""
+        print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size}){mode}  B={len(case.lens)}  "
               f"{tokens} real tokens, padded {len(case.lens)} x {case.N} ({1 - tokens / (len(case.lens) * case.N):.0%} "
               "padding)")
         print(f"{'impl':<13}{'median_ms':>11}{'p20':>9}{'p80':>9}{'tokens/s':>11}  ours_triton's speed-up / note")
@@ -246,7 +253,8 @@ def main(argv=None) -> int:
             print(f"{impl:<13}{m / 1e3:>11.2f}{quantile(times, 2) / 1e3:>9.2f}{quantile(times, 8) / 1e3:>9.2f}"
                   f"{tokens / m * 1e6:>11.0f}  {speedup} {note}".rstrip())
             if writer is not None:
-                writer.write(dict(case=f"encoder_fwd_bwd {model}", impl=impl, B=len(case.lens),
+                writer.write(dict(case=f"encoder_fwd_bwd{' host' if args.host else ''} {model}", impl=impl,
+                                  B=len(case.lens),
                                   dtype="fp32" if args.cpu_smoke else "bf16-autocast", median_us=f"{m:.1f}",
                                   speedup_vs=vs, notes=f"tokens={tokens} N={case.N} tokens_per_s={tokens / m * 1e6:.0f} "
                                                        f"p20={quantile(times, 2):.0f} p80={quantile(times, 8):.0f} "

@@ -477,7 +477,8 @@ class Block:
             if self.case == "wra_fwd_bwd" and forward:
                 notes.append(f"x_fwd={r.median / forward:.2f}")
             speedup = ";".join(f"{name}={ratio:.2f}" for name, ratio in self.speedups(r)) if r.ours else ""
-            self.ctx.writer.write(dict(case=self.case + (" host" if args.host else ""), impl=r.impl, B=self.B, dtype=self.dtype_name,
+            self.ctx.writer.write(dict(case=self.case + (" host" if args.host else ""), impl=r.impl, B=self.B,
+                                       dtype=self.dtype_name,
                                        median_us=f"{r.median:.2f}", speedup_vs=speedup, notes=" ".join(notes)))
 
 

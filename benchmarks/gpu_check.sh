@@ -4,7 +4,7 @@
 # --tune: then the extras too (up to 9 minutes more: past one call's 10 minutes after a plain run, so prefer
 #         --tune-only as a second call): the launch sweeps of benchmarks/tune_kernels.py, attention
 #         with training's dropout, the base encoder compiled (ours and BertModel) with profiles of our steps, the
-#         WRA call's host time, and the short pre-training run with the encoder compiled.
+#         WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
 # .whl/), then `pip download pytest-xdist execnet --no-deps -d .whl` (the gpu tests' 8 workers: without xdist they
@@ -28,6 +28,7 @@ extras() {
     timeout 170 python benchmarks/bench_layer.py --models base --profile 2>&1 | tee -a "$out/bench_layer.log"
     timeout 20 python benchmarks/bench_ot.py --host --no-compile --sizes 256 --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         2>&1 | tee -a "$out/bench_ot.log"
+    timeout 30 python benchmarks/bench_layer.py --quick --host 2>&1 | tee -a "$out/bench_layer.log"
     timeout 150 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 \
         --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled 2>&1 | tail -20 | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true

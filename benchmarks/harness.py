@@ -126,14 +126,14 @@ class Timer:
 
 
 def host_times(fn: Callable[[], object], reps: int, warmup: int, sync: Callable[[], None]) -> list[float]:
-    """Per-call host time in us: each call timed alone with no synchronisation between calls, so the GPU runs
-    behind and each time is what the host spends issuing the call (its queue of about a thousand launches is not
-    reached at these reps)."""
+    """Per-call host time in us: each call starts on an idle GPU and is timed without waiting for the GPU, so the
+    time is what the host spends issuing it (unless one call issues more launches than the GPU's queue holds,
+    about a thousand)."""
     for _ in range(warmup):
         fn()
-    sync()
     times = []
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e6)
