@@ -481,6 +481,12 @@ def _cosine_grad_kernel(
     r = tl.where(inv_x < 1.0 / _NORM_EPS, g * tl.load(stats + (M + N) + rows, mask=rows < m, other=0.0), on_rows)
     c = tl.where(inv_y < 1.0 / _NORM_EPS, g * tl.load(stats + (M + N) + M + y_rows, mask=y_rows < n, other=0.0),
                  on_cols)
+    # padded rows: every row of the problem's block is stored, its pads as the zeros they compute to (x, the plan
+    # and the stats read 0 there), so the gradients need no zeroing first; packed rows: the problem's rows only
+    if PACKED:
+        x_stored, y_stored = rows < m, y_rows < n
+    else:
+        x_stored, y_stored = rows < M, y_rows < N
     d = tl.arange(0, BLOCK_D)[None, :]
     for d0 in range(d_start, d_start + dims_per_split, BLOCK_D):
         x = _vector_tile(x_ptr, xb, s_xr, s_xd, rows, m, d0 + d, D).to(tl.float32) * inv_x  # x^ (BM, BD)
@@ -488,9 +494,9 @@ def _cosine_grad_kernel(
         gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x
         gy = (c * y - tl.dot(w_t, x, input_precision=DOT_PRECISION)) * inv_y
         tl.store(gx_ptr + gxb + rows * s_gxr + (d0 + d) * s_gxd, gx.to(gx_ptr.dtype.element_ty),
-                 mask=(rows < m) & (d0 + d < D))
+                 mask=x_stored & (d0 + d < D))
         tl.store(gy_ptr + gyb + y_rows * s_gyr + (d0 + d) * s_gyd, gy.to(gy_ptr.dtype.element_ty),
-                 mask=(y_rows < n) & (d0 + d < D))
+                 mask=y_stored & (d0 + d < D))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -697,13 +703,18 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
                     plan: torch.Tensor, stats: torch.Tensor, grad_dist: torch.Tensor, tune: dict | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of sum_b grad_dist[b] * dist_b into text.data and regions.data with the plan constant; stats:
-    the grad_stats buffer of the forward that made the plan. Rows outside every problem get 0."""
-    grad_text, grad_regions = torch.zeros_like(text.data), torch.zeros_like(regions.data)
+    the grad_stats buffer of the forward that made the plan. Rows outside every problem get 0 (padded rows: the
+    kernel writes them; packed rows: they are zeroed first)."""
     batch, dim = text_lens.shape[0], text.data.shape[-1]
-    text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
     if batch == 0 or dim == 0:
-        return grad_text, grad_regions
-    max_m, max_n = plan.shape[1], plan.shape[2]
+        return torch.zeros_like(text.data), torch.zeros_like(regions.data)
+    alloc = torch.zeros_like if text.starts is not None else torch.empty_like
+    grad_text, grad_regions = alloc(text.data), alloc(regions.data)
+    text_lens, region_lens = text_lens.contiguous(), region_lens.contiguous()
+    max_m, max_n = text.length, regions.length
+    if plan.shape != (batch, max_m, max_n):  # the kernel stores every row of the plan's blocks (padded rows)
+        raise ValueError(f"cosine_backward: the plan must be (batch, text rows, region rows) = {(batch, max_m, max_n)}"
+                         f" as its forward made it, got {tuple(plan.shape)}")
     _check_stats(stats, batch, max_m, max_n)
     rule, precision = backward_launch(batch, max_m, max_n, dim, text.data.dtype, text.data.device)
     config = _tuned_backward(rule, tune)

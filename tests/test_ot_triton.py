@@ -307,10 +307,13 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
 
-def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator) -> None:
+def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, monkeypatch) -> None:
     """The backward reads the forward's norms and plan-weighted cosine sums (grad_stats, written on half tiles
-    too) and splits each problem's dims over programs: every split and dim step gives the fp64 gradient."""
+    too) and splits each problem's dims over programs: every split and dim step gives the fp64 gradient, pads
+    included (its padded gradients start as NaN here: the kernel must write every element)."""
     from uniter_fast.kernels import ot_triton as kernels
+
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
 
     text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=70, dtype=torch.float32)
     regions[0, 3] = 0  # a zero vector: F.normalize's eps branch, on the region side this time
@@ -330,6 +333,8 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator) ->
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
     with pytest.raises(ValueError, match="SPLITS a positive int"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"SPLITS": 0})
+    with pytest.raises(ValueError, match=r"the plan must be \(batch, text rows, region rows\)"):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan[:, :-1], stats, weights.float())
     with pytest.raises(ValueError, match="tf32x3 crashed"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
                                 tune={"DOT_PRECISION": "tf32x3"})
