@@ -7,9 +7,9 @@
 #         WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
-# .whl/), then `pip download pytest-xdist execnet --no-deps -d .whl` (the gpu tests' 8 workers: without xdist they
-# run one at a time and rarely finish in their 100 s), and `python benchmarks/compile_check.py` with the device's
-# Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then this script.
+# .whl/; the device image has pytest-xdist for the gpu tests' 8 workers), and `python benchmarks/compile_check.py`
+# with the device's Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then
+# this script. The machine goes back after 30 s idle: send the --tune-only call as soon as the first returns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_check_logs}"
