@@ -536,6 +536,26 @@ def test_cuda_dropout_matches_the_reference_under_the_kernels_mask(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cuda_fused_delta_backward_matches_the_rule(dropout_p):
+    """Launch(fused_delta=True), swept by tune_kernels: the backward that sums O * dO itself gives the gradients of
+    the two-launch rule, up to the order of that fp32 sum."""
+    from uniter_fast.kernels import attention_triton as kernels
+
+    lens = uniter_lens(32, seed=3)
+    q, k, v, cu = packed(lens, heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    grad, n, scale = torch.randn_like(q), max(lens), 64 ** -0.5
+    out, lse = kernels.forward(q, k, v, cu, n, scale, dropout_p, 7)
+    rule = kernels.backward(grad, q, k, v, out, lse, cu, n, scale, dropout_p, 7)
+    launch = kernels.backward_launch(n, 64, q.dtype)
+    fused = kernels.backward(grad, q, k, v, out, lse, cu, n, scale, dropout_p, 7,
+                             kernels.Launch(launch.block_m, launch.block_n, launch.num_warps, launch.num_stages,
+                                            fused_delta=True))
+    for name, a, b in zip(("dq", "dk", "dv"), rule, fused):
+        torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
 def test_cuda_call_path_never_syncs_with_the_host():
     lens = uniter_lens(16, seed=2)
     q, k, v, cu = packed(lens, heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
