@@ -42,7 +42,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -55,7 +54,7 @@ import lmdb
 import msgpack
 import numpy as np
 import torch
-from harness import CsvWriter, add_csv_options, results_path
+from harness import CsvWriter, add_csv_options, cpu_label, results_path
 from torch.utils.data import DataLoader, Dataset
 
 from uniter_fast.data import RegionStore, RegionStoreWriter
@@ -346,19 +345,6 @@ def check_same_values(data: Data, batch_ids: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def device_name() -> str:
-    name = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"cpu: {name}, {cores} cores"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="512 images, one epoch per measurement")
@@ -376,7 +362,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.torch_threads)
     images = args.images or (512 if args.quick else 2048)
     epochs = args.epochs or (1 if args.quick else 2)
-    device = device_name()
+    device = cpu_label()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     writer = None if args.csv is None else CsvWriter(args.csv, "bench_loader", torch.device("cpu"), device_label=device)
     print(f"# bench_loader  {date}  {device}  torch {torch.__version__} ({torch.get_num_threads()} thread)  "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import datetime
 import os
+import platform
 import statistics
 import sys
 import time
@@ -62,6 +63,20 @@ def triton_version() -> str:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def cpu_label() -> str:
+    """This machine's processor and the cores this process may use, for rows timed on the CPU."""
+    name = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu: {name}, {cores} cores"
 
 
 def open_run(bench: str, args) -> "tuple[torch.device, Timer, CsvWriter | None]":

@@ -11,10 +11,12 @@ on padding and nothing crosses samples.
 - Dropout: Philox (tl.randint4x) keyed by seed + b * heads + h, counter i * ceil(max_seqlen / 8) + j // 8 for
   query i and keys j of the sample, a 16-bit draw per key: the backward and `dropout_keep_mask` regenerate the
   forward's mask exactly.
-Nothing here validates arguments or synchronises with the host: kernels/attention.py does the former.
+Nothing here validates arguments or synchronises with the host: kernels/attention.py does the former. The
+launchers work their launch rules out once per shape and launch through kernels/launch.py (host time).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .backend import cdiv, interpreting, next_pow2
+from .launch import launch as launch_kernel
 
 MAX_HEAD_DIM = 128  # padded to a power of two >= 16 (tl.dot's smallest); beyond 128 the tiles spill
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -311,12 +314,27 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_row_offsets(max_seqlen: int, *tensors: torch.Tensor) -> None:
-    """The kernels address rows within a sample in 32 bits (the sample's first row in 64)."""
-    widest = max(t.stride(0) for t in tensors)
+def _check_row_offsets(max_seqlen: int, widest: int) -> None:
+    """The kernels address rows within a sample in 32 bits (the sample's first row in 64); widest: the largest
+    row stride of the call's tensors."""
     if (max_seqlen + 64) * widest >= 2**31:  # a block may reach past the longest sample by up to 63 rows
         raise ValueError(f"varlen_attention: max_seqlen={max_seqlen} rows of stride {widest} exceed the kernels' "
                          f"32-bit offsets within a sample (at most {2**31 // widest - 64} rows)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _setup(backward: bool, max_seqlen: int, head_dim: int, dtype: torch.dtype, dropout_p: float,
+           launch: Launch | None) -> tuple[int, int, float, dict]:
+    """(query blocks, drop_threshold, keep_scale, keyword arguments) of a forward or backward call: its launch
+    rule and flags, worked out once per shape and dtype (host time)."""
+    launch = launch or (backward_launch if backward else forward_launch)(max_seqlen, head_dim, dtype)
+    if backward:
+        assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
+        tiles = dict(BLOCK=launch.block_m, FUSED_DELTA=launch.fused_delta)
+    else:
+        tiles = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
+    kwargs = dict(head_dim=head_dim, BLOCK_D=_block_d(head_dim), **tiles, **launch.kwargs(), **_flags(dtype, dropout_p))
+    return cdiv(max(max_seqlen, 1), launch.block_m), *_dropout_args(dropout_p), kwargs
 
 
 def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int,
@@ -324,20 +342,20 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_
     """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores. launch: forward_launch's
     rule unless given (benchmarks/tune_kernels.py sweeps it)."""
     q, k, v, cu_seqlens = _rows(q), _rows(k), _rows(v), cu_seqlens.contiguous()
-    _check_row_offsets(max_seqlen, q, k, v)
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    _check_row_offsets(max_seqlen, max(sq[0], sk[0], sv[0]))
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     out = torch.empty_like(q)
     lse = torch.empty(total, heads, device=q.device, dtype=torch.float32)
-    launch = launch or forward_launch(max_seqlen, head_dim, q.dtype)
-    grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
     if batch == 0 or total == 0:
         return out, lse
-    _fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, q.stride(0), k.stride(0), v.stride(0), out.stride(0), lse.stride(0),
-        q.stride(1), k.stride(1), v.stride(1), out.stride(1), heads, max_seqlen, softmax_scale * LOG2E,
-        *_dropout_args(dropout_p), seed, head_dim=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=launch.block_m,
-        BLOCK_N=launch.block_n, **launch.kwargs(), **_flags(q.dtype, dropout_p),
+    blocks, drop_threshold, keep_scale, kwargs = _setup(False, max_seqlen, head_dim, q.dtype, dropout_p, launch)
+    so = out.stride()
+    launch_kernel(
+        _fwd_kernel, (blocks, batch, heads),
+        q, k, v, out, lse, cu_seqlens, sq[0], sk[0], sv[0], so[0], heads, sq[1], sk[1], sv[1], so[1], heads,
+        max_seqlen, softmax_scale * LOG2E, drop_threshold, keep_scale, seed, **kwargs,
     )
     return out, lse
 
@@ -348,28 +366,25 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
     grad_out = grad_out.contiguous()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
     out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
-    _check_row_offsets(max_seqlen, q, k, v, out, grad_out)
+    sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride()
+    _check_row_offsets(max_seqlen, max(sq[0], sk[0], sv[0], so[0], sg[0]))
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if batch == 0 or total == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    launch = launch or backward_launch(max_seqlen, head_dim, q.dtype)
-    assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
-    if launch.fused_delta:
+    blocks, drop_threshold, keep_scale, kwargs = _setup(True, max_seqlen, head_dim, q.dtype, dropout_p, launch)
+    if kwargs["FUSED_DELTA"]:
         delta = lse  # unread
     else:
         delta = torch.empty(total, heads, device=q.device, dtype=torch.float32)  # rowsum(O dO) = rowsum(P dP)
-        _delta_kernel[(cdiv(total, 64), heads)](out, grad_out, delta, total, out.stride(0), out.stride(1),
-                                                grad_out.stride(0), grad_out.stride(1), head_dim, BLOCK_T=64,
-                                                BLOCK_D=_block_d(head_dim))
-    grid = (cdiv(max(max_seqlen, 1), launch.block_m), batch, heads)
-    _bwd_kernel[grid](
-        q, k, v, out, grad_out, dq, dk, dv, lse, delta, cu_seqlens, q.stride(0), k.stride(0), v.stride(0),
-        out.stride(0), grad_out.stride(0), lse.stride(0), q.stride(1), k.stride(1), v.stride(1), out.stride(1),
-        grad_out.stride(1), heads, max_seqlen, softmax_scale, softmax_scale * LOG2E, *_dropout_args(dropout_p), seed,
-        head_dim=head_dim, BLOCK_D=_block_d(head_dim), BLOCK=launch.block_m, FUSED_DELTA=launch.fused_delta,
-        **launch.kwargs(), **_flags(q.dtype, dropout_p),
+        launch_kernel(_delta_kernel, (cdiv(total, 64), heads), out, grad_out, delta, total, so[0], so[1], sg[0],
+                      sg[1], head_dim, BLOCK_T=64, BLOCK_D=kwargs["BLOCK_D"])
+    launch_kernel(
+        _bwd_kernel, (blocks, batch, heads),
+        q, k, v, out, grad_out, dq, dk, dv, lse, delta, cu_seqlens, sq[0], sk[0], sv[0], so[0], sg[0], lse.stride(0),
+        sq[1], sk[1], sv[1], so[1], sg[1], heads, max_seqlen, softmax_scale, softmax_scale * LOG2E, drop_threshold,
+        keep_scale, seed, **kwargs,
     )
     return dq, dk, dv
 
@@ -381,6 +396,7 @@ def dropout_keep_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dro
     out = torch.zeros(batch, heads, max_seqlen, max_seqlen, dtype=torch.int8, device=cu_seqlens.device)
     if batch and max_seqlen:
         block = _block(max_seqlen)
-        _keep_mask_kernel[(cdiv(max_seqlen, block), batch, heads)](
+        launch_kernel(
+            _keep_mask_kernel, (cdiv(max_seqlen, block), batch, heads),
             out, cu_seqlens, heads, max_seqlen, _dropout_args(dropout_p)[0], seed, BLOCK=block)
     return out.bool()

@@ -21,7 +21,8 @@ owns one problem (PROBS = 1) and its cosine is one 2-D matrix product of row-maj
 The backward kernel takes the plan as a constant (envelope) and returns the gradient of the vectors. It reads the
 forward's inverse norms and plan-weighted cosine sums (grad_stats) instead of recomputing the cosine, so nothing
 in it sums over D: each problem's dims split over several programs while the batch is too small to fill the GPU.
-Nothing here validates arguments or synchronises with the host: kernels/ot.py does the former.
+Nothing here validates arguments or synchronises with the host: kernels/ot.py does the former. The launch
+rules are worked out once per shape (_rule, _backward_rule) and launches go through kernels/launch.py (host time).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .backend import cdiv, interpreting, next_pow2
+from .launch import launch as launch_kernel
 
 METHODS = {"ipot": 0, "ipot_log": 1, "sinkhorn_log": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -614,6 +616,11 @@ def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.d
                 num_warps=rule["num_warps"], num_stages=1), precision
 
 
+# the rules once per shape (host time); their dicts are shared, so the launchers copy before changing one
+_rule = functools.lru_cache(maxsize=4096)(_config)
+_backward_rule = functools.lru_cache(maxsize=4096)(backward_launch)
+
+
 def _tuned_backward(rule: dict, tune: dict | None) -> dict:
     unknown = sorted(set(tune or {}) - set(BACKWARD_KEYS))
     if unknown:
@@ -657,7 +664,8 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
     counts = torch.empty(batch, device=device, dtype=torch.int32) if solve.tol is not None else None
     dim = None if cost is not None else text.data.shape[-1]
     data = cost if cost is not None else text.data
-    config = _tuned(_config(batch, max_m, max_n, dim, data.element_size(), data.device), tune, dim)
+    rule = _rule(batch, max_m, max_n, dim, data.dtype.itemsize, data.device)
+    config = _tuned(rule, tune, dim) if tune else rule  # the rule's dict is shared: never changed here
     # a shrunk tile writes only its part of the plan: the rest must be zeros already
     alloc = torch.zeros if config["SHRINK"] else torch.empty
     plan = alloc(batch, max_m, max_n, device=device, dtype=torch.float32) if want_plan else None
@@ -670,13 +678,14 @@ def _forward(cost: torch.Tensor | None, text: Rows | None, regions: Rows | None,
     plan_args = (plan, *plan.stride()) if want_plan else (dist, 0, 0, 0)
     inner = 1 if solve.method == "sinkhorn_log" else solve.k
     grid = (cdiv(batch, config["PROBS"]),)
-    _transport_kernel[grid](
+    launch_kernel(
+        _transport_kernel, grid,
         *cost_args, *x_args, *y_args, text_lens, region_lens,
         dist, *plan_args, dist if counts is None else counts, dist if stats is None else stats,
         batch, max_m, max_n, dim or 0, solve.iterations, inner, float(solve.scale), float(solve.tol or 0.0),
         METHOD=METHODS[solve.method], FROM_VECTORS=cost is None, PACKED=text is not None and text.starts is not None,
         WRITE_PLAN=want_plan, WRITE_STATS=stats is not None, USE_TOL=solve.tol is not None,
-        DOT_PRECISION=config.pop("DOT_PRECISION", _dot_precision(data.dtype, False)), **config,
+        **(config if "DOT_PRECISION" in config else {**config, "DOT_PRECISION": _dot_precision(data.dtype, False)}),
     )
     return dist, plan, counts
 
@@ -716,19 +725,20 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         raise ValueError(f"cosine_backward: the plan must be (batch, text rows, region rows) = {(batch, max_m, max_n)}"
                          f" as its forward made it, got {tuple(plan.shape)}")
     _check_stats(stats, batch, max_m, max_n)
-    rule, precision = backward_launch(batch, max_m, max_n, dim, text.data.dtype, text.data.device)
-    config = _tuned_backward(rule, tune)
-    precision = config.pop("DOT_PRECISION", precision)
+    rule, precision = _backward_rule(batch, max_m, max_n, dim, text.data.dtype, text.data.device)
+    config = _tuned_backward(rule, tune) if tune else rule  # the rule's dict is shared: never changed here
+    precision = config.get("DOT_PRECISION", precision)
     chunks = cdiv(dim, config["BLOCK_D"])
-    per_split = cdiv(chunks, min(config.pop("SPLITS"), chunks))  # BLOCK_D chunks per program
+    per_split = cdiv(chunks, min(config["SPLITS"], chunks))  # BLOCK_D chunks per program
     splits = cdiv(chunks, per_split)  # none left empty
     gx = Rows(grad_text, text.starts, text.max_len)
     gy = Rows(grad_regions, regions.starts, regions.max_len)
-    _cosine_grad_kernel[(batch * splits,)](
+    launch_kernel(
+        _cosine_grad_kernel, (batch * splits,),
         *_rows_args(text, text_lens), *_rows_args(regions, region_lens),
         grad_text, *gx.strides, grad_regions, *gy.strides,
         text_lens, region_lens, plan, *plan.stride(), stats, grad_dist.float().contiguous(),
         max_m, max_n, dim, splits, per_split * config["BLOCK_D"], PACKED=text.starts is not None,
-        DOT_PRECISION=precision, **config,
+        DOT_PRECISION=precision, **{k: v for k, v in config.items() if k not in ("SPLITS", "DOT_PRECISION")},
     )
     return grad_text, grad_regions
