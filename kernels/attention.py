@@ -5,7 +5,9 @@ across samples. `max_seqlen` is a host int carried by the packed batch, so no ca
 
 The stack: Triton kernels and launchers (attention_triton.py) -> `_VarlenAttention` (autograd; under
 torch.compile the custom ops `uniter_fast::varlen_attention` and its backward instead) -> `varlen_attention`
-(functional, backend dispatch) -> `VarlenAttention` (nn.Module, `AttentionOptions`).
+(functional, backend dispatch) -> `VarlenAttention` (nn.Module, `AttentionOptions`). `varlen_attention_qkv` and
+`VarlenAttention.from_qkv` take q, k, v as one (total, 3, heads, head_dim) projection (`_VarlenAttentionQKV`:
+one gradient tensor, written by the backward kernel).
 Backends: "torch" (kernels/reference.py: pad, SDPA with a key mask, unpad), "triton", and "xformers"
 (memory_efficient_attention with a block-diagonal mask, where it imports and runs; never chosen by "auto").
 """
@@ -59,6 +61,34 @@ def _grads(ctx, grad_out):
 
 
 _grads_once_differentiable = torch.autograd.function.once_differentiable(_grads)
+
+
+class _VarlenAttentionQKV(torch.autograd.Function):
+    """_VarlenAttention on the three views of one (total, 3, heads, head_dim) tensor: the backward writes dq, dk and
+    dv into one gradient of that shape, so nothing stacks them, and q, k, v need no contiguous copies."""
+
+    @staticmethod
+    def forward(ctx, qkv, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed):
+        out, lse = _kernels().forward(*qkv.unbind(1), cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, softmax_scale, dropout_p, seed)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            return _qkv_grads_once_differentiable(ctx, grad_out)
+        return _qkv_grads(ctx, grad_out)
+
+
+def _qkv_grads(ctx, grad_out):
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    grad = torch.empty_like(qkv)  # qkv is contiguous (varlen_attention_qkv): its views and grad's share strides
+    _kernels().backward(grad_out, *qkv.unbind(1), out, lse, cu_seqlens, *ctx.args, grads=grad.unbind(1))
+    return grad, None, None, None, None, None
+
+
+_qkv_grads_once_differentiable = torch.autograd.function.once_differentiable(_qkv_grads)
 
 
 # Under torch.compile the kernels run as two custom ops, opaque to the compiler, so it can trace (and fuse) the
@@ -163,6 +193,31 @@ def varlen_attention(
     `deterministic=True` refuses the xformers backend, whose backward may not be.
     """
     _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return _attend(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, softmax_scale, deterministic, backend)
+
+
+def varlen_attention_qkv(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    deterministic: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """varlen_attention of q, k, v = qkv.unbind(1), for qkv (total_tokens, 3, heads, head_dim) as one projection
+    makes it. On the triton backend its gradient is one tensor like qkv, written by the kernel."""
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"varlen_attention_qkv: qkv must be (total, 3, heads, head_dim), got {tuple(qkv.shape)}")
+    qkv = qkv.contiguous()  # a no-op for a projection's output
+    q, k, v = qkv.unbind(1)
+    _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    return _attend(q, k, v, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, deterministic, backend)
+
+
+def _attend(q, k, v, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, deterministic, backend) -> torch.Tensor:
+    """The checked call on its backend; qkv: the tensor q, k, v are views of, or None."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     chosen = "xformers" if requested_backend(backend) == "xformers" else \
         choose("varlen_attention", backend, q.device, _triton_reason(q))
@@ -180,6 +235,8 @@ def varlen_attention(
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # no gradient wanted (evaluation, retrieval): the launcher alone, without autograd.Function's host time
         return _kernels().forward(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)[0]
+    if qkv is not None:
+        return _VarlenAttentionQKV.apply(qkv, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
     return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
 
 
@@ -219,3 +276,13 @@ class VarlenAttention(nn.Module):
         if not probs:
             return out
         return out, reference.attention_probs_ref(q.detach(), k.detach(), cu_seqlens, softmax_scale=o.softmax_scale)
+
+    def from_qkv(self, qkv, cu_seqlens, max_seqlen: int, *, probs: bool = False):
+        """forward of q, k, v = qkv.unbind(1) through varlen_attention_qkv, qkv (total, 3, heads, head_dim)."""
+        o = self.options
+        out = varlen_attention_qkv(qkv, cu_seqlens, max_seqlen, dropout_p=o.dropout_p if self.training else 0.0,
+                                   softmax_scale=o.softmax_scale, deterministic=o.deterministic, backend=o.backend)
+        if not probs:
+            return out
+        q, k, _ = qkv.detach().unbind(1)
+        return out, reference.attention_probs_ref(q, k, cu_seqlens, softmax_scale=o.softmax_scale)

@@ -361,16 +361,24 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_
 
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float,
-             seed: int, launch: Launch | None = None):
-    """(dq, dk, dv), each like q. launch: backward_launch's rule unless given; its tile must be square."""
+             seed: int, launch: Launch | None = None, grads: tuple | None = None):
+    """(dq, dk, dv), each like q. launch: backward_launch's rule unless given; its tile must be square.
+    grads: (dq, dk, dv) to write, each with the strides of its input (views of one (total, 3, heads, head_dim)
+    gradient, as q, k, v are of one projection); None: contiguous q, k, v and new gradients of their layout."""
     grad_out = grad_out.contiguous()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
+    if grads is None:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the gradients are written in q's layout
+        grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    elif any(g.shape != t.shape or g.stride() != t.stride() or t.stride() != q.stride() or t.stride(-1) != 1
+             for g, t in zip(grads, (q, k, v))):
+        raise ValueError("varlen_attention backward: q, k, v and the gradients given must share one layout with "
+                         "contiguous rows")
     out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
     sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride()
     _check_row_offsets(max_seqlen, max(sq[0], sk[0], sv[0], so[0], sg[0]))
     total, heads, head_dim = q.shape
     batch = cu_seqlens.shape[0] - 1
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = grads
     if batch == 0 or total == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     blocks, drop_threshold, keep_scale, kwargs = _setup(True, max_seqlen, head_dim, q.dtype, dropout_p, launch)

@@ -67,6 +67,49 @@ def test_strided_inputs_and_a_longer_max_seqlen():
         torch.testing.assert_close(g.double(), e, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_one_qkv_tensor_gives_the_three_tensor_call_and_one_gradient(dropout_p):
+    """varlen_attention_qkv: the output and q, k, v gradients of varlen_attention on qkv's views, its gradient one
+    tensor like qkv (written by the backward kernel), with and without dropout, on the triton and torch backends."""
+    q, k, v, cu = packed(LENS, dtype=torch.float32)
+    qkv = torch.stack([q, k, v], 1).requires_grad_()
+    grad = torch.randn_like(q)
+    n = max(LENS)
+    for backend_name in ("triton", "torch"):
+        torch.manual_seed(3)
+        out = attention.varlen_attention_qkv(qkv, cu, n, dropout_p=dropout_p, backend=backend_name)
+        (got,) = torch.autograd.grad(out, qkv, grad)
+        views = qkv.detach().clone().unbind(1)
+        views = tuple(t.requires_grad_() for t in views)
+        torch.manual_seed(3)
+        ref = attention.varlen_attention(*views, cu, n, dropout_p=dropout_p, backend=backend_name)
+        expected = torch.stack(torch.autograd.grad(ref, views, grad), 1)
+        torch.testing.assert_close(out, ref, atol=0, rtol=0, msg=lambda m: f"{backend_name} out: {m}")
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=lambda m: f"{backend_name} grad: {m}")
+        assert got.shape == qkv.shape and bool(torch.isfinite(got).all())
+
+
+def test_qkv_backward_writes_into_given_gradients_and_refuses_other_layouts():
+    from uniter_fast.kernels import attention_triton
+
+    q, k, v, cu = packed(LENS, dtype=torch.float32)
+    qkv = torch.stack([q, k, v], 1)
+    out, lse = attention_triton.forward(*qkv.unbind(1), cu, max(LENS), 0.25, 0.0, 0)
+    grad_out = torch.randn_like(out)
+    expected = attention_triton.backward(grad_out, q, k, v, out, lse, cu, max(LENS), 0.25, 0.0, 0)
+    grads = torch.full_like(qkv, float("nan"))
+    got = attention_triton.backward(grad_out, *qkv.unbind(1), out, lse, cu, max(LENS), 0.25, 0.0, 0,
+                                    grads=grads.unbind(1))
+    for g, e, view in zip(got, expected, grads.unbind(1)):
+        assert g.data_ptr() == view.data_ptr()
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    assert bool(torch.isfinite(grads).all()), "every row of the gradient is written"
+    with pytest.raises(ValueError, match="share one layout"):
+        attention_triton.backward(grad_out, q, k, v, out, lse, cu, max(LENS), 0.25, 0.0, 0, grads=grads.unbind(1))
+    with pytest.raises(ValueError, match=r"\(total, 3, heads, head_dim\)"):
+        attention.varlen_attention_qkv(q, cu, max(LENS), backend="triton")
+
+
 def test_rows_beyond_32_bit_offsets_are_refused():
     """The kernels address rows within a sample in 32 bits: a sample that could pass 2**31 elements is refused
     before any launch, naming max_seqlen."""
@@ -323,9 +366,8 @@ def test_attention_maps_per_sample(tmp_path):
     # the maps are the model's: recompute layer 0 of sample 0 from its query and key projections
     x = model.embed(batch)
     attn = model.encoder.layer[0].attention.self
-    shape = (x.shape[0], attn.num_heads, attn.head_dim)
     lo, hi = 0, lens[0]
-    q, k = attn.query(x).view(shape)[lo:hi], attn.key(x).view(shape)[lo:hi]
+    q, k, _ = attn.projections(x)[lo:hi].unbind(1)
     expected = (torch.einsum("qhd,khd->hqk", q, k) / attn.head_dim ** 0.5).softmax(-1)
     torch.testing.assert_close(samples[0].probs[0], expected.detach())
     plot_attention(samples[0], tmp_path / "map.png", layer=0)
@@ -480,7 +522,7 @@ def test_compiled_encoder_equals_eager_in_one_graph():
         x = hidden.clone().requires_grad_()
         out = encoder(x, batch.cu_seqlens, batch.max_seqlen)
         out.backward(grad)
-        results.append((out, x.grad, model.encoder.layer[0].attention.self.query.weight.grad.clone()))
+        results.append((out, x.grad, model.encoder.layer[0].attention.self.qkv.weight.grad.clone()))
         model.zero_grad()
     for ours, eager in zip(*results):
         torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-4)
@@ -553,6 +595,26 @@ def test_cuda_fused_delta_backward_matches_the_rule(dropout_p):
                                             fused_delta=True))
     for name, a, b in zip(("dq", "dk", "dv"), rule, fused):
         torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cuda_qkv_call_equals_the_three_tensor_call(dropout_p):
+    """varlen_attention_qkv at UNITER-base shapes in bf16: the same kernels on qkv's strided views, so the same
+    output and gradients as the call on contiguous q, k, v, bit for bit."""
+    lens = uniter_lens(32, seed=4)
+    q, k, v, cu = packed(lens, heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    grad, n = torch.randn_like(q), max(lens)
+    qkv = torch.stack([q, k, v], 1).requires_grad_()
+    torch.manual_seed(5)
+    out = attention.varlen_attention_qkv(qkv, cu, n, dropout_p=dropout_p, backend="triton")
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    views = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
+    torch.manual_seed(5)
+    ref = attention.varlen_attention(*views, cu, n, dropout_p=dropout_p, backend="triton")
+    expected = torch.stack(torch.autograd.grad(ref, views, grad), 1)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 @pytest.mark.gpu

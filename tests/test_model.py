@@ -55,8 +55,10 @@ def original_forward(model: UniterModel, texts, regions, img_masks=None) -> list
     for layer in model.encoder.layer:
         sa = layer.attention.self
         split = lambda t: t.view(B, out_size, heads, d).transpose(1, 2)
-        scores = split(sa.query(x)) @ split(sa.key(x)).transpose(-1, -2) / math.sqrt(d) + ext
-        ctx = (scores.softmax(-1) @ split(sa.value(x))).transpose(1, 2).reshape(B, out_size, H)
+        # the original's query, key and value: the fused projection's row blocks, in that order
+        query, key, value = (F.linear(x, w, b) for w, b in zip(sa.qkv.weight.chunk(3), sa.qkv.bias.chunk(3)))
+        scores = split(query) @ split(key).transpose(-1, -2) / math.sqrt(d) + ext
+        ctx = (scores.softmax(-1) @ split(value)).transpose(1, 2).reshape(B, out_size, H)
         x = layer.attention.output.LayerNorm(layer.attention.output.dense(ctx) + x)
         inter = F.gelu(layer.intermediate.dense(x))
         x = layer.output.LayerNorm(layer.output.dense(inter) + x)
@@ -137,6 +139,31 @@ def test_ties_and_key_layout():
             "uniter.img_embeddings.mask_embedding.weight", "region_classifier.net.3.weight",
             "itm_output.bias"} <= keys
     assert model.uniter.img_embeddings.mask_embedding.weight[0].eq(0).all()
+
+
+def test_fused_qkv_keeps_the_original_keys_both_ways():
+    model = UniterModel(tiny_config())
+    attn = model.encoder.layer[0].attention.self
+    state = model.state_dict()
+    prefix = "encoder.layer.0.attention.self."
+    assert [k for k in state if k.startswith(prefix)] == [
+        prefix + f"{part}.{kind}" for part in ("query", "key", "value") for kind in ("weight", "bias")]
+    for i, part in enumerate(("query", "key", "value")):
+        assert torch.equal(state[prefix + part + ".weight"], attn.qkv.weight.detach().chunk(3)[i])
+    other = UniterModel(tiny_config())
+    other.load_state_dict(state)  # strict: every original key lands in the fused parameter
+    assert torch.equal(other.encoder.layer[0].attention.self.qkv.weight, attn.qkv.weight)
+    del state[prefix + "key.weight"]
+    with pytest.raises(RuntimeError, match=r"query, key and value weights load together; got only .*query\.weight"):
+        other.load_state_dict(state)
+
+
+def test_a_zero3_placeholder_qkv_stays_fused():
+    """Under ZeRO-3 a partitioned parameter's tensor is empty: the hook leaves it under its own key."""
+    attn = UniterModel(tiny_config()).encoder.layer[0].attention.self
+    attn.qkv.weight.data = torch.empty(0)
+    attn.qkv.bias.data = torch.empty(0)
+    assert set(attn.state_dict()) == {"qkv.weight", "qkv.bias"}
 
 
 def test_text_longer_than_positions_is_refused():

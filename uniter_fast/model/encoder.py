@@ -1,4 +1,5 @@
-"""Post-LN BERT encoder over packed rows (reference/uniter.md 1.6). Module names match the original's keys."""
+"""Post-LN BERT encoder over packed rows (reference/uniter.md 1.6). Module names match the original's keys; the
+fused query/key/value projection presents the original's three (SelfAttention)."""
 from __future__ import annotations
 
 import torch
@@ -8,25 +9,63 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.kernels.attention import AttentionOptions, VarlenAttention
 
 
+QKV_PARTS = ("query", "key", "value")  # the original's projections: SelfAttention.qkv's row blocks, in order
+
+
 class SelfAttention(nn.Module):
+    """Query, key and value from one (3 * hidden, hidden) product: one matrix product, one cast and one bias
+    forward, and one of each for the input's gradient, where three Linear layers made three. Its state dict keeps
+    the original's keys: `state_dict()` gives the row blocks as `query`, `key` and `value` (views of the fused
+    parameter) and `load_state_dict` joins them again."""
+
     def __init__(self, config: UniterConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.attend = VarlenAttention(AttentionOptions(dropout_p=config.attention_probs_dropout_prob,
                                                        backend=config.backend))  # no parameters: keys unchanged
+        self.register_state_dict_post_hook(_qkv_as_original)
+        self.register_load_state_dict_pre_hook(_qkv_from_original)
+
+    def projections(self, x: torch.Tensor) -> torch.Tensor:
+        """(total, 3, heads, head_dim): each row's query, key and value."""
+        return self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, probs: bool = False):
         """Packed rows in, packed rows out; probs=True also returns each sample's (heads, L_b, L_b) probabilities."""
-        shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
+        qkv = self.projections(x)
         if not probs:
-            return self.attend(q, k, v, cu_seqlens, max_seqlen).reshape(x.shape)
-        out, maps = self.attend(q, k, v, cu_seqlens, max_seqlen, probs=True)
+            return self.attend.from_qkv(qkv, cu_seqlens, max_seqlen).reshape(x.shape)
+        out, maps = self.attend.from_qkv(qkv, cu_seqlens, max_seqlen, probs=True)
         return out.reshape(x.shape), maps
+
+
+def _qkv_as_original(module: SelfAttention, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict(): qkv.weight and qkv.bias (the last keys so far) become query.*, key.*, value.*, the original's
+    keys in its order. A ZeRO-3 placeholder (not 3 * hidden rows here) stays fused: it holds no values."""
+    fused = {kind: state_dict.get(f"{prefix}qkv.{kind}") for kind in ("weight", "bias")}
+    if any(t is None or t.shape[:1] != (module.qkv.out_features,) for t in fused.values()):
+        return
+    for kind in fused:
+        del state_dict[f"{prefix}qkv.{kind}"]
+    blocks = {kind: t.detach().chunk(3) for kind, t in fused.items()}  # views: copying into one writes qkv
+    for i, part in enumerate(QKV_PARTS):
+        for kind in fused:
+            state_dict[f"{prefix}{part}.{kind}"] = blocks[kind][i]
+
+
+def _qkv_from_original(module: SelfAttention, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """load_state_dict(): the original's query.*, key.* and value.* joined into qkv.* (a fused key loads as is)."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{part}.{kind}" for part in QKV_PARTS]
+        present = [k for k in keys if k in state_dict]
+        if len(present) == 3 and f"{prefix}qkv.{kind}" not in state_dict:
+            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+        elif present:
+            error_msgs.append(f"{prefix}: the attention's query, key and value {kind}s load together; got only "
+                              f"{', '.join(present)}")
 
 
 class SelfOutput(nn.Module):
