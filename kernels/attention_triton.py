@@ -326,14 +326,15 @@ def _check_row_offsets(max_seqlen: int, widest: int) -> None:
 def _setup(backward: bool, max_seqlen: int, head_dim: int, dtype: torch.dtype, dropout_p: float,
            launch: Launch | None) -> tuple[int, int, float, dict]:
     """(query blocks, drop_threshold, keep_scale, keyword arguments) of a forward or backward call: its launch
-    rule and flags, worked out once per shape and dtype (host time)."""
+    rule and flags, worked out once per shape and dtype (host time). Cached, it keeps the rule functions and
+    TRITON_INTERPRET as they were at the first call of each shape: the kernels are fixed at import anyway."""
     launch = launch or (backward_launch if backward else forward_launch)(max_seqlen, head_dim, dtype)
     if backward:
         assert launch.block_m == launch.block_n, "the backward's program owns one key block and one query block"
         tiles = dict(BLOCK=launch.block_m, FUSED_DELTA=launch.fused_delta)
     else:
         tiles = dict(BLOCK_M=launch.block_m, BLOCK_N=launch.block_n)
-    kwargs = dict(head_dim=head_dim, BLOCK_D=_block_d(head_dim), **tiles, **launch.kwargs(), **_flags(dtype, dropout_p))
+    kwargs = dict(BLOCK_D=_block_d(head_dim), **tiles, **launch.kwargs(), **_flags(dtype, dropout_p))
     return cdiv(max(max_seqlen, 1), launch.block_m), *_dropout_args(dropout_p), kwargs
 
 
@@ -355,7 +356,7 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_
     launch_kernel(
         _fwd_kernel, (blocks, batch, heads),
         q, k, v, out, lse, cu_seqlens, sq[0], sk[0], sv[0], so[0], heads, sq[1], sk[1], sv[1], so[1], heads,
-        max_seqlen, softmax_scale * LOG2E, drop_threshold, keep_scale, seed, **kwargs,
+        max_seqlen, softmax_scale * LOG2E, drop_threshold, keep_scale, seed, head_dim, **kwargs,
     )
     return out, lse
 
@@ -392,7 +393,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
         _bwd_kernel, (blocks, batch, heads),
         q, k, v, out, grad_out, dq, dk, dv, lse, delta, cu_seqlens, sq[0], sk[0], sv[0], so[0], sg[0], lse.stride(0),
         sq[1], sk[1], sv[1], so[1], sg[1], heads, max_seqlen, softmax_scale, softmax_scale * LOG2E, drop_threshold,
-        keep_scale, seed, **kwargs,
+        keep_scale, seed, head_dim, **kwargs,
     )
     return dq, dk, dv
 

@@ -3,14 +3,18 @@
 `fn[grid](*args, **kwargs)` binds and specialises every argument, builds a cache key from them and looks the
 compiled kernel up on every call: 24 us of host time on this project's 2-core CPU for the attention forward
 (Triton 3.6, 21 arguments; `benchmarks/bench_host.py`). `launch(fn, grid, *args, **kwargs)` keeps a cache per
-kernel keyed finer than Triton's specialisation: each int's value (a do_not_specialize int: its 32/64-bit class),
-each tensor's dtype and address mod 16, each float's type, the device and every keyword argument. So one entry
-never serves calls Triton would compile apart. A key's first call goes through Triton, which compiles or finds
-the kernel and launches it; later calls hand that kernel's launcher the arguments Triton would have handed it.
+kernel keyed by what Triton specialises on, or finer: for each positional int, whether it is 1, whether 16
+divides it and its 32/64-bit type (a do_not_specialize int: its type alone); each bool's value; each tensor's
+dtype and address mod 16; each float's type; the device; every keyword argument (constexprs and launch options)
+by value. So one entry never serves calls Triton would compile apart. A key's first call goes through Triton,
+which compiles or finds the kernel and launches it; later calls hand that kernel's launcher the call's own
+positional arguments, as Triton would.
 
-Triton's own path serves every call this cannot vouch for: the interpreter, launch hooks (profilers), pre-run
-hooks, a grid function, arguments of other types (and tensors by keyword), and UNITER_FAST_DIRECT_LAUNCH=0.
-Like Triton's cache, the entries outlive changes to Triton's debug and instrumentation knobs: `clear()` drops them.
+Triton's own path serves every call this cannot vouch for: the interpreter, launch and stages-inspection hooks
+(profilers), pre-run hooks, a grid function, a runtime argument by keyword, arguments of other types, and
+UNITER_FAST_DIRECT_LAUNCH=0. Unlike Triton's path, a cached entry does not re-check the kernel's global
+constants (ours never change) or Triton's debug, instrumentation and fpsan knobs: after changing those,
+`clear()` drops the entries.
 
 `DryRun` runs Triton's host path without a GPU: its driver answers for a device of its own, an sm_90, and
 compiling gives a `DryKernel` that records its launches. Tests check the direct path against Triton's with it;
@@ -27,44 +31,59 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 ENV_VAR = "UNITER_FAST_DIRECT_LAUNCH"
-MAX_ENTRIES = 1024  # per kernel: a key per max_seqlen or batch size seen; cleared when full
+MAX_ENTRIES = 1024  # per kernel: a key per launch rule and alignment seen; cleared when full
 
 _UNCACHEABLE = object()  # an argument whose type this does not key: Triton's path serves the call
 SPECIALISED, FREE, CONSTEXPR = 0, 1, 2  # a parameter's kind: plain, do_not_specialize, tl.constexpr
 
 
+def _width(arg: int) -> int:
+    """Triton's int types by range: i32, i64, u64."""
+    return 0 if -2**31 <= arg < 2**31 else 2 if arg >= 2**63 else 1
+
+
 def _feature(arg, kind_of_param: int):
-    """What Triton may specialise on in one positional argument, or finer."""
+    """What Triton specialises on in one positional argument, or finer."""
     if kind_of_param == CONSTEXPR:
         return arg  # its value is compiled in
     kind = type(arg)
     if kind is int:
-        # Triton: == 1 and divisibility by 16 unless do_not_specialize; i32, i64 or u64 by range in any case
-        return (-2**31 <= arg < 2**31, arg >= 2**63) if kind_of_param == FREE else arg
+        # Triton: == 1 and divisibility by 16 unless do_not_specialize; the type by range in any case. Not the
+        # value: a token count that changes every batch must not miss every time.
+        if kind_of_param == FREE:
+            return _width(arg)
+        return arg == 1, arg % 16 == 0, _width(arg)
     if kind is float:
         return float  # passed as fp32, never specialised
-    if kind is bool or arg is None:
-        return arg
+    if kind is bool:
+        return bool, arg  # not 1 or 0: Triton types a bool u1
+    if arg is None:
+        return None
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() & 15
     return _UNCACHEABLE
 
 
 class _Direct:
-    """One kernel's cache: key -> (compiled launcher, function, packed metadata, the arguments after the
-    positional ones, constexprs included, in the kernel's parameter order)."""
+    """One kernel's cache: key -> (compiled kernel, its launcher, function and packed metadata, the arguments after
+    the positional ones in the kernel's parameter order: constexprs and defaults, which the key fixes)."""
 
     def __init__(self, fn):
         self.fn = fn
         self.params = fn.params
         self.kinds = tuple(CONSTEXPR if p.is_constexpr else FREE if p.do_not_specialize else SPECIALISED
                            for p in fn.params)
+        # runtime parameters: passed by keyword, their values are not in the key, so Triton's path serves the call
+        self.runtime_names = frozenset(p.name for p in fn.params if not p.is_constexpr)
         self.entries: dict = {}
 
     def __call__(self, grid, args: tuple, kwargs: dict):
+        if not self.runtime_names.isdisjoint(kwargs):
+            self.fn[grid](*args, **kwargs)
+            return
         active = driver.active
         device = active.get_current_device()
-        key = (device, *kwargs.items(), *map(_feature, args, self.kinds))
+        key = (device, *kwargs.items(), *map(_feature, args, self.kinds))  # keywords: constexprs and options
         try:
             entry = self.entries.get(key)
         except TypeError:  # an unhashable keyword value
@@ -73,7 +92,7 @@ class _Direct:
         if entry is None:
             self._first(grid, args, kwargs, key)
             return
-        run, function, metadata, tail = entry
+        _, run, function, metadata, tail = entry
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         run(grid[0], g1, g2, active.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
@@ -81,12 +100,12 @@ class _Direct:
     def _first(self, grid, args: tuple, kwargs: dict, key: tuple) -> None:
         compiled = self.fn[grid](*args, **kwargs)
         tail = self._tail(len(args), kwargs)
-        if compiled is None or tail is None or _UNCACHEABLE in key[len(kwargs) + 1:] \
-                or any(isinstance(v, torch.Tensor) for v in tail):
+        if compiled is None or tail is None or _UNCACHEABLE in key[len(kwargs) + 1:]:
             return  # Triton's path serves every such call
         if len(self.entries) >= MAX_ENTRIES:
             self.entries.clear()
-        self.entries[key] = (compiled.run, compiled.function, compiled.packed_metadata, tail)
+        # the compiled kernel is kept: Triton 3.9 unloads its module when it is collected
+        self.entries[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, tail)
 
     def _tail(self, positional: int, kwargs: dict) -> tuple | None:
         values = []
@@ -114,9 +133,12 @@ def _direct_for(fn) -> _Direct | None:
 
 
 def _hooked(fn) -> bool:
-    """Launch hooks (Triton 3.6: HookChains, empty unless a profiler attached) or pre-run hooks."""
-    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
-    return bool(getattr(fn, "pre_run_hooks", None)) or any(h is not None and getattr(h, "calls", True) for h in hooks)
+    """Launch hooks (Triton 3.6: HookChains, empty unless a profiler attached), pre-run hooks, or Triton 3.9's
+    stages inspection hook (part of its cache key)."""
+    runtime = knobs.runtime
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return (bool(getattr(fn, "pre_run_hooks", None)) or any(h is not None and getattr(h, "calls", True) for h in hooks)
+            or getattr(runtime, "add_stages_inspection_hook", None) is not None)
 
 
 def launch(fn, grid, *args, **kwargs) -> None:

@@ -49,14 +49,17 @@ def check_probe(dry: launch.DryRun) -> int:
     y = torch.zeros(64, dtype=torch.float32)
     variants = []
     for x in (base, base[1:], base.to(torch.float16), base[4:]):  # dtype; address mod 16 = 0, 4, 0
-        for n in (1, 16, 17, 2**31 + 5):
+        for n in (1, 16, 17, 33, 48, 2**31 + 5):  # 17 and 33, 16 and 48: one kernel each, their own values
             for stride in (1, 3, 32):
                 for seed in (0, 7, 2**40):
                     for scale in (0.5, 2.0):
                         variants.append(((x, y, n, stride, scale, seed, True), dict(BLOCK=16, SHIFT=1)))
+    for flag in (True, 1, False, 0):  # a bool is u1 to Triton; 1 a constant, 0 an i32
+        variants.append(((base, y, 16, 1, 1.0, 3, flag), dict(BLOCK=16, SHIFT=1)))
     variants.append(((base, y, 16, 1, 1.0, 3, False), dict(BLOCK=16, SHIFT=2, num_warps=2)))
     variants.append(((base, y, 16, 1, 1.0, 3, False), dict(BLOCK=32, SHIFT=2)))
     variants.append(((base, y, 16, 1, 1.0, 3), dict(flag=False, BLOCK=32, SHIFT=2)))  # a runtime arg by keyword
+    variants.append(((base, y, 16, 1, 1.0, 3), dict(flag=0, BLOCK=32, SHIFT=2)))
     grid = (2,)
     for args, kwargs in variants:
         before = _launches(dry)
@@ -69,8 +72,8 @@ def check_probe(dry: launch.DryRun) -> int:
             assert kernel is triton_kernel, f"{args[2:]} {kwargs}: ran {kernel.key}, Triton ran {triton_kernel.key}"
             assert got_grid == triton_grid and len(got_args) == len(triton_args) and all(
                 map(_same, got_args, triton_args)), f"{args[2:]} {kwargs}: args {got_args} != {triton_args}"
-    hits = len(launch._direct_for(_probe_kernel).entries)
-    assert hits > 1, "the direct path cached nothing"
+    entries = len(launch._direct_for(_probe_kernel).entries)
+    assert 1 < entries <= len(dry.kernels), f"{entries} direct entries for {len(dry.kernels)} Triton kernels"
     return len(variants)
 
 

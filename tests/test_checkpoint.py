@@ -442,3 +442,18 @@ def test_config_json_beside_a_file(tmp_path):
     torch.save(sd, tmp_path / "model.pt")
     (tmp_path / "config.json").write_text(json.dumps(uniter_config().to_dict(original_only=True)))
     assert UniterModel.from_pretrained(tmp_path / "model.pt").config.num_attention_heads == 4
+
+
+def test_dicts_named_after_our_parameters_load():
+    """DeepSpeed's zero_to_fp32 and 16-bit model files name tensors after the parameters: each layer's query, key
+    and value as one fused attention.self.qkv, split here into the original's three keys."""
+    ours = perturb(UniterForPretraining(uniter_config()), seed=7)
+    by_parameter = {k: v.detach().clone() for k, v in ours.named_parameters()}
+    assert "uniter.encoder.layer.0.attention.self.qkv.weight" in by_parameter
+    model = UniterForPretraining.from_pretrained(by_parameter, uniter_config())
+    expected = ours.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    assert_ties(model)
+    by_parameter["uniter.encoder.layer.1.attention.self.qkv.bias"] = torch.zeros(10)
+    with pytest.raises(CheckpointError, match=r"layer\.1\.attention\.self\.qkv\.bias: .*3 equal row blocks"):
+        UniterForPretraining.from_pretrained(by_parameter, uniter_config())

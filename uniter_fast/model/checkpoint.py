@@ -7,7 +7,9 @@ the two. Accepted sources:
 1. original UNITER pre-training checkpoints (`uniter.*` + `cls.predictions.*`, `feat_regress.*`,
    `region_classifier.*`, `itm_output.*`), fp16 or fp32, heads present or not, tied tensors once or twice;
 2. the original's init checkpoints (BERT `BertForPreTraining` with `bert` -> `uniter` in every key);
-3. bare trunk state dicts (`embeddings.*`, `img_embeddings.*`, `encoder.*`, `pooler.*`) and our own files;
+3. bare trunk state dicts (`embeddings.*`, `img_embeddings.*`, `encoder.*`, `pooler.*`) and our own files, also
+   dicts named after our parameters (DeepSpeed's zero_to_fp32 and 16-bit model files), where each layer's
+   query, key and value are one fused `attention.self.qkv` (its row blocks, in that order);
 4. Hugging Face BERT (`BertModel` with or without `bert.`, `BertForPreTraining`), safetensors or .bin, including
    old TF-converted `gamma`/`beta` names.
 
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from uniter_fast.config import UniterConfig, read_json_object
+from uniter_fast.model.encoder import QKV_PARTS
 from uniter_fast.model.uniter import UniterModel
 
 log = logging.getLogger(__name__)
@@ -119,6 +122,24 @@ def _by_part(keys: list[str]) -> str:
 
 
 # key mapping: one function per direction -----------------------------------------------------------------------
+# our fused parameters, as dicts named after the model's parameters have them (DeepSpeed's zero_to_fp32 and 16-bit
+# model files): SelfAttention.qkv holds the original's query, key and value as row blocks, in that order
+_FUSED = re.compile(r"^(.*\.attention\.self\.)qkv\.(weight|bias)$")
+
+
+def _unfused(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A checkpoint entry as the original's: a fused QKV weight or bias becomes its three row blocks; anything
+    else stays as it is."""
+    match = _FUSED.match(key)
+    if match is None:
+        return [(key, tensor)]
+    prefix, kind = match.groups()
+    if tensor.dim() == 0 or tensor.shape[0] % 3:
+        raise CheckpointError(f"{key}: a fused query/key/value tensor needs 3 equal row blocks, got shape "
+                              f"{tuple(tensor.shape)}")
+    return [(f"{prefix}{part}.{kind}", block) for part, block in zip(QKV_PARTS, tensor.chunk(3))]
+
+
 def _original_key(key: str) -> str:
     """A checkpoint key in any accepted layout -> the original layout."""
     for prefix in _KEY_PREFIXES:
@@ -264,10 +285,11 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
     ckpt: dict[str, tuple[str, torch.Tensor]] = {}  # original-layout key -> (checkpoint key, tensor)
     for key, tensor in state_dict.items():
-        okey = _original_key(key)
-        if okey in ckpt:
-            raise CheckpointError(f"checkpoint {source}: {ckpt[okey][0]} and {key} are the same key ({okey})")
-        ckpt[okey] = (key, tensor)
+        for part_key, part in _unfused(key, tensor):
+            okey = _original_key(part_key)
+            if okey in ckpt:
+                raise CheckpointError(f"checkpoint {source}: {ckpt[okey][0]} and {key} are the same key ({okey})")
+            ckpt[okey] = (key, part)
     for alias, primary in _ALIASES.items():
         if alias not in ckpt:
             continue

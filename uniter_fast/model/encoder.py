@@ -15,8 +15,9 @@ QKV_PARTS = ("query", "key", "value")  # the original's projections: SelfAttenti
 class SelfAttention(nn.Module):
     """Query, key and value from one (3 * hidden, hidden) product: one matrix product, one cast and one bias
     forward, and one of each for the input's gradient, where three Linear layers made three. Its state dict keeps
-    the original's keys: `state_dict()` gives the row blocks as `query`, `key` and `value` (views of the fused
-    parameter) and `load_state_dict` joins them again."""
+    the original's keys: `state_dict()` gives the row blocks as `query`, `key` and `value` (detached views of the
+    fused parameter, with keep_vars too: copying into one writes qkv) and `load_state_dict` joins them again.
+    Dicts named after the parameters (`named_parameters`, DeepSpeed's files) have `qkv`: checkpoint.py splits it."""
 
     def __init__(self, config: UniterConfig):
         super().__init__()
