@@ -37,22 +37,21 @@ _UNCACHEABLE = object()  # an argument whose type this does not key: Triton's pa
 SPECIALISED, FREE, CONSTEXPR = 0, 1, 2  # a parameter's kind: plain, do_not_specialize, tl.constexpr
 
 
-def _width(arg: int) -> int:
-    """Triton's int types by range: i32, i64, u64."""
-    return 0 if -2**31 <= arg < 2**31 else 2 if arg >= 2**63 else 1
-
-
 def _feature(arg, kind_of_param: int):
     """What Triton specialises on in one positional argument, or finer."""
     if kind_of_param == CONSTEXPR:
         return arg  # its value is compiled in
     kind = type(arg)
     if kind is int:
-        # Triton: == 1 and divisibility by 16 unless do_not_specialize; the type by range in any case. Not the
-        # value: a token count that changes every batch must not miss every time.
-        if kind_of_param == FREE:
-            return _width(arg)
-        return arg == 1, arg % 16 == 0, _width(arg)
+        # Triton: == 1 and divisibility by 16 unless do_not_specialize; the type (i32, i64, u64) by range in any
+        # case. Not the value: a token count that changes every batch must not miss every time. One small int
+        # per class (cheaper to make and hash than a tuple); a position's kind is fixed, so codes never mix.
+        if -2**31 <= arg < 2**31:
+            if kind_of_param == FREE:
+                return 0
+            return 1 if arg == 1 else 2 if arg % 16 == 0 else 3
+        wide = 4 if arg < 2**63 else 6
+        return wide if kind_of_param == FREE else wide + 8 + (arg % 16 == 0)
     if kind is float:
         return float  # passed as fp32, never specialised
     if kind is bool:

@@ -51,7 +51,7 @@ def check_probe(dry: launch.DryRun) -> int:
     for x in (base, base[1:], base.to(torch.float16), base[4:]):  # dtype; address mod 16 = 0, 4, 0
         for n in (1, 16, 17, 33, 48, 2**31 + 5):  # 17 and 33, 16 and 48: one kernel each, their own values
             for stride in (1, 3, 32):
-                for seed in (0, 7, 2**40):
+                for seed in (0, 7, 2**40, 2**63 + 5):  # i32, i64, u64
                     for scale in (0.5, 2.0):
                         variants.append(((x, y, n, stride, scale, seed, True), dict(BLOCK=16, SHIFT=1)))
     for flag in (True, 1, False, 0):  # a bool is u1 to Triton; 1 a constant, 0 an i32
