@@ -127,7 +127,8 @@ def ours(batch: Batch, backward: bool, dropout: float):
 def ours_kernels(batch: Batch, backward: bool, dropout: float):
     """Our forward (and backward) launchers called directly, the backward from a forward made outside the timing."""
     q, k, v = batch.packed
-    args = (batch.cu_seqlens, batch.max_len, q.shape[-1] ** -0.5, dropout, 1234)
+    seed = torch.tensor([1234], dtype=torch.int64, device=q.device)  # on the device, as varlen_attention draws it
+    args = (batch.cu_seqlens, batch.max_len, q.shape[-1] ** -0.5, dropout, seed)
     out, lse = attention_triton.forward(q, k, v, *args)
 
     def run():

@@ -33,9 +33,11 @@ def attention_calls():
     cu = torch.zeros(5, dtype=torch.int32)
     cu[1:] = lens.cumsum(0)
     q, k, v, g = (torch.randn(int(cu[-1]), 12, 64, dtype=torch.bfloat16) for _ in range(4))
-    out, lse = attention_triton.forward(q, k, v, cu, 157, 0.125, 0.1, 1)
-    yield "attention_forward", "bf16", lambda: attention_triton.forward(q, k, v, cu, 157, 0.125, 0.1, 1)
-    yield "attention_backward", "bf16", lambda: attention_triton.backward(g, q, k, v, out, lse, cu, 157, 0.125, 0.1, 1)
+    seed = torch.ones(1, dtype=torch.int64)  # as varlen_attention draws it: a tensor beside the inputs
+    out, lse = attention_triton.forward(q, k, v, cu, 157, 0.125, 0.1, seed)
+    yield "attention_forward", "bf16", lambda: attention_triton.forward(q, k, v, cu, 157, 0.125, 0.1, seed)
+    yield "attention_backward", "bf16", lambda: attention_triton.backward(g, q, k, v, out, lse, cu, 157, 0.125, 0.1,
+                                                                          seed)
 
 
 def ot_calls():

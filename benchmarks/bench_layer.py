@@ -8,6 +8,9 @@ Implementations:
                 LayerNorm and GELU on real tokens only, attention by our Triton kernel (dropout in the kernel);
 - ours_compile  ours_triton under torch.compile (inductor fuses the bias, dropout, residual, LayerNorm and GELU
                 passes around the matrix products; our attention kernels stay whole as custom ops);
+- ours_graphs   the same compiled with mode="reduce-overhead" and static shapes: the step replayed from CUDA graphs,
+                so the host's launches drop out (dropout's seeds are drawn on the device, afresh each replay); the
+                note says whether inductor skipped the graphs, and why;
 - ours_torch    the same encoder with the reference attention (pad, SDPA with a key mask, unpad inside each
                 layer; the rest stays packed);
 - hf_eager      transformers' BertModel (SDPA attention) on the padded batch with an attention mask, called with
@@ -15,7 +18,7 @@ Implementations:
 - hf_compile    the same under torch.compile (compiled once; the first call's time is printed).
 Gradients flow into the parameters (accumulated, as in training) and the input. UNITER_FAST_BACKEND is ignored.
 Reported: median time per forward+backward, real tokens/s (padding not counted), and the ratio of ours to each
-peer, and ours_compile's ratio to each BertModel. Rows are appended to benchmarks/results.csv.
+peer, and each compiled encoder of ours' ratio to every peer. Rows are appended to benchmarks/results.csv.
 
     python benchmarks/bench_layer.py                   # base and large (about a minute on an H100 with compile)
     python benchmarks/bench_layer.py --quick           # base only, no compile
@@ -43,8 +46,8 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
 from uniter_fast.model.encoder import Encoder
 
-IMPLS = ("ours_triton", "ours_compile", "ours_torch", "hf_eager", "hf_compile")
-COMPILED = ("ours_compile", "hf_compile")
+IMPLS = ("ours_triton", "ours_compile", "ours_graphs", "ours_torch", "hf_eager", "hf_compile")
+COMPILED = ("ours_compile", "ours_graphs", "hf_compile")
 
 
 def lengths(B: int, seed: int) -> list[int]:
@@ -103,19 +106,32 @@ class Case:
         self.compile_notes[impl] = f"first_call_s={time.perf_counter() - start:.1f}"
         print(f"  [torch.compile] {self.model} {impl}: first call {time.perf_counter() - start:.1f} s")
 
-    def ours(self, backend: str, compiled: bool = False):
+    def ours(self, backend: str, compiled: bool = False, graphs: bool = False):
         if compiled:
             self.skip_compile()
         encoder = Encoder(self.config.replace(backend=backend)).to(self.device).train()
-        fn = torch.compile(encoder, dynamic=True) if compiled else encoder  # as training compiles it (loop.py)
+        if graphs:  # one batch shape here; training would bucket its token counts
+            fn = torch.compile(encoder, mode="reduce-overhead", dynamic=False)
+        else:
+            fn = torch.compile(encoder, dynamic=True) if compiled else encoder  # as training compiles it (loop.py)
         x = self.x.detach().requires_grad_()
 
         def run():
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten now
             with self.autocast():
                 out = fn(x, self.cu, self.N)
             out.backward(self.grad.to(out.dtype))
         if compiled:
-            self.first_call("ours_compile", run)
+            impl = "ours_graphs" if graphs else "ours_compile"
+            skips = _cudagraph_skips()
+            self.first_call(impl, run)
+            if graphs:
+                skipped = _cudagraph_skips() - skips
+                self.compile_notes[impl] += f" cudagraph_skips={skipped}"
+                if skipped:
+                    print(f"  [torch.compile] {self.model} {impl}: inductor skipped CUDA graphs {skipped} time(s); "
+                          "TORCH_LOGS=perf_hints says why")
         return run
 
     def hf(self, compiled: bool):
@@ -135,8 +151,15 @@ class Case:
 
     def build(self, impl: str):
         return {"ours_triton": lambda: self.ours("triton"), "ours_compile": lambda: self.ours("triton", True),
-                "ours_torch": lambda: self.ours("torch"),
+                "ours_graphs": lambda: self.ours("triton", True, graphs=True), "ours_torch": lambda: self.ours("torch"),
                 "hf_eager": lambda: self.hf(False), "hf_compile": lambda: self.hf(True)}[impl]()
+
+
+def _cudagraph_skips() -> int:
+    """How many compiled graphs inductor has run without CUDA graphs so far (each skip logs its reason)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 # kernel-name fragments per kind, for the profile's summary (first match wins; the rest is "other")
@@ -196,7 +219,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-compile", action="store_true", help="skip ours_compile and hf_compile (about 30 s each per model)")
+    p.add_argument("--no-compile", action="store_true",
+                   help=f"skip {', '.join(COMPILED)} (30-75 s each per model to compile)")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     p.add_argument("--quick", action="store_true", help="base only, no compile")
     p.add_argument("--cpu-smoke", action="store_true", help="a 2-layer toy on the CPU under TRITON_INTERPRET=1")
     p.add_argument("--host", action="store_true",
@@ -207,6 +232,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_csv_options(p)
     args = p.parse_args(argv)
     args.csv = results_path(args)
+    args.impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(args.impls) - set(IMPLS))
+    if unknown:
+        p.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS)}")
     if args.quick:
         args.models, args.no_compile = ["base"], True
     if args.cpu_smoke:
@@ -223,7 +252,7 @@ def main(argv=None) -> int:
     for model in args.models:
         case = Case(args, model, device)
         rows = []
-        for impl in IMPLS:
+        for impl in args.impls:
             times, note = None, ""
             try:
                 run = case.build(impl)
@@ -260,9 +289,10 @@ def main(argv=None) -> int:
                                                        f"p20={quantile(times, 2):.0f} p80={quantile(times, 8):.0f} "
                                                        f"reps={len(times)} {note}".strip()))
         medians = {impl: median(times) for impl, times, _ in rows if times}
-        if "ours_compile" in medians:
-            print("ours_compile's speed-up: " + ", ".join(f"{ratio(medians[peer] / medians['ours_compile'])} {peer}"
-                                                          for peer in IMPLS if peer in medians and peer != "ours_compile"))
+        for ours in ("ours_compile", "ours_graphs"):
+            if ours in medians:
+                print(f"{ours}'s speed-up: " + ", ".join(f"{ratio(medians[peer] / medians[ours])} {peer}"
+                                                         for peer in IMPLS if peer in medians and peer != ours))
         sys.stdout.flush()
     print(f"\nbench_layer: done in {time.perf_counter() - start:.0f} s"
           + (f"; {writer.count} rows appended to {writer.path}" if writer else ""))

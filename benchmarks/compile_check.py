@@ -47,7 +47,6 @@ FLOATS = {"scale", "tol", "scale_log2", "keep_scale"}  # fp32 scalars; every oth
 # per-head strides and head dims (attention), the vectors' width and row strides (OT)
 MULTIPLES_OF_16 = {"stride_qt", "stride_kt", "stride_vt", "stride_ot", "stride_dot", "stride_qh", "stride_kh",
                    "stride_vh", "stride_oh", "stride_doh", "head_dim", "D", "s_xr", "s_yr", "s_gxr", "s_gyr"}
-INT64 = {"seed"}
 
 
 @dataclass
@@ -70,7 +69,7 @@ def signature(v: Variant) -> tuple[dict, dict, dict]:
         elif p in v.pointers:
             sig[p] = "*" + v.pointers[p]
         else:
-            sig[p] = "fp32" if p in FLOATS else "i64" if p in INT64 else "i32"
+            sig[p] = "fp32" if p in FLOATS else "i32"
     constexprs = {(params.index(k),): value for k, value in v.constexprs.items() if k in params}
     specialised = [p for p in params if (p in v.pointers or p in MULTIPLES_OF_16) and p not in v.constexprs]
     aligned = {(params.index(p),): [["tt.divisibility", 16]] for p in specialised}
@@ -156,19 +155,20 @@ def attention_variants() -> list[Variant]:
                 bwd = attn.backward_launch(UNITER_L, head_dim, DTYPES[dtype])
                 flags = dict(BLOCK_D=attn._block_d(head_dim), **attn._flags(DTYPES[dtype], 0.1 if dropout else 0.0))
                 tag = f"{dtype} d={head_dim}{' dropout' if dropout else ''}"
+                seed = "i64" if dropout else "i32"  # the seed, or cu_seqlens (unread) without dropout
                 out.append(Variant(
                     f"attention forward {tag}", attn._fwd_kernel,
-                    dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE="fp32", CU="i32"),
+                    dict(Q=dtype, K=dtype, V=dtype, O=dtype, LSE="fp32", CU="i32", SEED=seed),
                     dict(BLOCK_M=fwd.block_m, BLOCK_N=fwd.block_n, **flags), fwd.num_warps, fwd.num_stages or 3))
                 for fused in (False, True) if dtype == "bf16" and head_dim == 64 else (bwd.fused_delta,):
                     out.append(Variant(
                         f"attention backward {tag}{' fused delta' if fused else ''}", attn._bwd_kernel,
                         dict(Q=dtype, K=dtype, V=dtype, O=dtype, DO=dtype, DQ=dtype, DK=dtype, DV=dtype, LSE="fp32",
-                             DELTA="fp32", CU="i32"),
+                             DELTA="fp32", CU="i32", SEED=seed),
                         dict(BLOCK=bwd.block_m, FUSED_DELTA=fused, **flags), bwd.num_warps, bwd.num_stages or 3))
         out.append(Variant(f"attention delta {dtype}", attn._delta_kernel,
                            dict(O=dtype, DO=dtype, DELTA="fp32"), dict(BLOCK_T=64, BLOCK_D=64)))
-    out.append(Variant("attention keep mask", attn._keep_mask_kernel, dict(OUT="i8", CU="i32"),
+    out.append(Variant("attention keep mask", attn._keep_mask_kernel, dict(OUT="i8", CU="i32", SEED="i64"),
                        dict(BLOCK=attn._block(UNITER_L))))
     return out
 

@@ -3,9 +3,8 @@
 # DeepSpeed, in under 6 minutes (each step has its own time limit); logs go to $OUT (or ./gpu_check_logs).
 # --tune: then the extras too (up to 9.5 minutes more: past one call's 10 minutes after a plain run, so prefer
 #         --tune-only as a second call): the launch sweeps of benchmarks/tune_kernels.py, attention
-#         with training's dropout, the base encoder compiled (ours and BertModel) with profiles of our steps, the
-#         WRA call's and the encoder step's host time, the launchers' host time in Triton's dry run (bench_host),
-#         and the short pre-training run with the encoder compiled.
+#         with training's dropout, the base encoder compiled (ours, ours replayed from CUDA graphs, and BertModel),
+#         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
 # .whl/; the device image has pytest-xdist for the gpu tests' 8 workers), and `python benchmarks/compile_check.py`
@@ -26,12 +25,13 @@ extras() {
     timeout 150 python benchmarks/tune_kernels.py 2>&1 | tee "$out/tune.log"
     timeout 40 python benchmarks/bench_attention.py --quick --dropout 0.1 --batches uniter 2>&1 \
         | tee -a "$out/bench_attention.log"
-    timeout 170 python benchmarks/bench_layer.py --models base --profile 2>&1 | tee -a "$out/bench_layer.log"
+    # the base encoder compiled: ours (and replayed from CUDA graphs) against BertModel; about 75 + 75 + 25 s to compile
+    timeout 200 python benchmarks/bench_layer.py --models base \
+        --impls ours_triton,ours_compile,ours_graphs,hf_eager,hf_compile 2>&1 | tee -a "$out/bench_layer.log"
     timeout 20 python benchmarks/bench_ot.py --host --no-compile --sizes 256 --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         2>&1 | tee -a "$out/bench_ot.log"
     timeout 30 python benchmarks/bench_layer.py --quick --host 2>&1 | tee -a "$out/bench_layer.log"
-    timeout 30 python benchmarks/bench_host.py --calls 100 2>&1 | tee "$out/bench_host.log"
-    timeout 150 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 \
+    timeout 130 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 \
         --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled 2>&1 | tail -20 | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
 }
@@ -55,7 +55,7 @@ for bench in benchmarks/bench_*.py; do
     [ -e "$bench" ] || continue
     name=$(basename "$bench" .py)
     [ "$name" = bench_loader ] && continue
-    [ "$name" = bench_host ] && continue  # the launchers' host time in a dry run: an extra (--tune-only)
+    [ "$name" = bench_host ] && continue  # the launchers' host time in a dry run: a CPU benchmark
     timeout "${limit[$name]:-40}" python "$bench" ${args[$name]:-} 2>&1 | tee "$out/$name.log"
 done
 # the same attention calls replayed from CUDA graphs (GPU time alone, host time removed), then the host time alone

@@ -97,10 +97,10 @@ _qkv_grads_once_differentiable = torch.autograd.function.once_differentiable(_qk
 @torch.library.custom_op("uniter_fast::varlen_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, seed: torch.Tensor,
                   max_seqlen: int, softmax_scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of the triton forward, both contiguous; seed: a CPU int64 scalar (read without a device sync)."""
+    """(out, lse) of the triton forward, both contiguous; seed: one int64 on q's device (the kernels read it)."""
     _check_offsets(cu_seqlens, q.shape[0], max_seqlen)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # the outputs' strides as the fake's
-    return _kernels().forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, int(seed))
+    return _kernels().forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
 
 
 @_attention_op.register_fake
@@ -113,8 +113,7 @@ def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Ten
                            out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, seed: torch.Tensor,
                            max_seqlen: int, softmax_scale: float,
                            dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _kernels().backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p,
-                               int(seed))
+    return _kernels().backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, dropout_p, seed)
 
 
 @_attention_backward_op.register_fake
@@ -188,8 +187,9 @@ def varlen_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v within each sample, with attention dropout; returns (total_tokens, heads, head_dim).
 
-    Dropout in the triton kernel is Philox keyed by a seed drawn from torch's CPU generator, so `torch.manual_seed`
-    makes it reproducible. The triton backward has no atomics: it is deterministic whatever `deterministic` says;
+    Dropout in the triton kernel is Philox keyed by a seed drawn on the inputs' device by torch's generator, so
+    `torch.manual_seed` makes it reproducible and a CUDA graph's replays draw fresh masks. The triton backward has
+    no atomics: it is deterministic whatever `deterministic` says;
     `deterministic=True` refuses the xformers backend, whose backward may not be.
     """
     _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
@@ -222,8 +222,7 @@ def _attend(q, k, v, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dete
     chosen = "xformers" if requested_backend(backend) == "xformers" else \
         choose("varlen_attention", backend, q.device, _triton_reason(q))
     if chosen == "triton" and torch.compiler.is_compiling():  # the op checks the offsets, on real values
-        seed = (torch.randint(2**62, (), dtype=torch.int64, device="cpu") if dropout_p > 0
-                else torch.zeros((), dtype=torch.int64, device="cpu"))
+        seed = _draw_seed(q.device) if dropout_p > 0 else torch.zeros(1, dtype=torch.int64, device=q.device)
         return _attention_op(q, k, v, cu_seqlens, seed, max_seqlen, scale, float(dropout_p))[0]
     _check_offsets(cu_seqlens, q.shape[0], max_seqlen)
     if chosen == "xformers":
@@ -231,13 +230,19 @@ def _attend(q, k, v, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dete
     if chosen == "torch":
         return reference.varlen_attention_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                               softmax_scale=scale)
-    seed = int(torch.randint(2**62, (), dtype=torch.int64, device="cpu")) if dropout_p > 0 else 0
+    seed = _draw_seed(q.device) if dropout_p > 0 else None
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         # no gradient wanted (evaluation, retrieval): the launcher alone, without autograd.Function's host time
         return _kernels().forward(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)[0]
     if qkv is not None:
         return _VarlenAttentionQKV.apply(qkv, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
     return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, scale, float(dropout_p), seed)
+
+
+def _draw_seed(device: torch.device) -> torch.Tensor:
+    """Dropout's Philox seed, drawn on the inputs' device by its torch generator: no host sync, reproducible with
+    torch.manual_seed, and drawn afresh by each replay of a CUDA graph (the kernels read it from memory)."""
+    return torch.randint(2**62, (1,), dtype=torch.int64, device=device)
 
 
 def _on_xformers(q, k, v, cu_seqlens, dropout_p: float, scale: float, deterministic: bool) -> torch.Tensor:

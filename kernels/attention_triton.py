@@ -10,7 +10,8 @@ on padding and nothing crosses samples.
   rowsum(O dO) comes from a launch before it, or (Launch.fused_delta) from O beside each dO it reads.
 - Dropout: Philox (tl.randint4x) keyed by seed + b * heads + h, counter i * ceil(max_seqlen / 8) + j // 8 for
   query i and keys j of the sample, a 16-bit draw per key: the backward and `dropout_keep_mask` regenerate the
-  forward's mask exactly.
+  forward's mask exactly. The seed is read from an int64 in device memory, drawn there by the caller, so a call
+  replayed from a CUDA graph draws a fresh mask.
 Nothing here validates arguments or synchronises with the host: kernels/attention.py does the former. The
 launchers work their launch rules out once per shape and launch through kernels/launch.py (host time).
 """
@@ -32,6 +33,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _seed(SEED, DROPOUT: tl.constexpr):
+    """The call's Philox seed, read from device memory (one int64), so that a CUDA graph's replays draw afresh;
+    unread without dropout."""
+    if DROPOUT:
+        seed = tl.load(SEED)
+    else:
+        seed = 0
+    return seed
+
+
+@triton.jit
 def _keep(seed, b, h, heads, offs_m, offs_n, max_seqlen, drop_threshold):
     """The dropout keep-mask of query rows offs_m x key columns offs_n of (sample b, head h); offs_n runs from a
     multiple of 8. One Philox call (tl.randint4x) gives four 32-bit words, eight 16-bit draws: the draws of 8
@@ -50,10 +62,10 @@ def _keep(seed, b, h, heads, offs_m, offs_n, max_seqlen, drop_threshold):
     return tl.reshape(halves, (BM, BN)).to(tl.int32) >= drop_threshold
 
 
-@triton.jit(do_not_specialize=["seed"])  # a fresh seed per call must not trigger a new compile
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot, stride_lt,
                 stride_qh, stride_kh, stride_vh, stride_oh, heads, max_seqlen, scale_log2, drop_threshold, keep_scale,
-                seed,
+                SEED,
                 head_dim, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -61,6 +73,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, stride_qt, stride_kt, stride_vt, stride_ot,
     length = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
     if pid_m * BLOCK_M >= length:
         return
+    seed = _seed(SEED, DROPOUT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dcol = offs_d[None, :]
@@ -120,10 +133,10 @@ def _row_delta(o_head, stride_ot, do, offs, mask, dmask):
     return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt, stride_vt, stride_ot, stride_dot,
                 stride_lt, stride_qh, stride_kh, stride_vh, stride_oh, stride_doh, heads, max_seqlen, scale, scale_log2,
-                drop_threshold, keep_scale, seed,
+                drop_threshold, keep_scale, SEED,
                 head_dim, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, FUSED_DELTA: tl.constexpr):
     """dq, dk, dv share q's (contiguous) layout; LSE and DELTA = rowsum(out * dout) are (total, heads) fp32.
@@ -134,6 +147,7 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt
     length = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
     if pid * BLOCK >= length:
         return
+    seed = _seed(SEED, DROPOUT)
     offs_d = tl.arange(0, BLOCK_D)
     dcol = offs_d[None, :]
     dmask = dcol < head_dim  # columns beyond head_dim read as 0 and are never stored
@@ -211,10 +225,11 @@ def _bwd_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, CU, stride_qt, stride_kt
     tl.store(DQ + first + rows, (dq * scale).to(DQ.dtype.element_ty), mask=store_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _keep_mask_kernel(OUT, CU, heads, max_seqlen, drop_threshold, seed, BLOCK: tl.constexpr):
+@triton.jit
+def _keep_mask_kernel(OUT, CU, heads, max_seqlen, drop_threshold, SEED, BLOCK: tl.constexpr):
     """OUT (B, heads, max_seqlen, max_seqlen) int8: the keep-mask the attention kernels draw, 0 beyond lengths."""
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seed = tl.load(SEED)
     length = tl.load(CU + b + 1) - tl.load(CU + b)
     offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     base = OUT + ((b * heads + h) * max_seqlen).to(tl.int64) * max_seqlen
@@ -338,10 +353,25 @@ def _setup(backward: bool, max_seqlen: int, head_dim: int, dtype: torch.dtype, d
     return cdiv(max(max_seqlen, 1), launch.block_m), *_dropout_args(dropout_p), kwargs
 
 
-def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float, seed: int,
-            launch: Launch | None = None):
-    """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores. launch: forward_launch's
-    rule unless given (benchmarks/tune_kernels.py sweeps it)."""
+def _seed_pointer(seed: torch.Tensor | int | None, dropout_p: float, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """What the kernels' SEED points at: the seed tensor (an int64 on the inputs' device), an int copied there
+    (tests and sweeps: a copy per call), or, without dropout, cu_seqlens (unread)."""
+    if dropout_p <= 0.0:
+        return cu_seqlens
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != cu_seqlens.device:
+            raise ValueError(f"varlen_attention: the dropout seed must be one int64 on {cu_seqlens.device}, got "
+                             f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
+        return seed
+    if seed is None:
+        raise ValueError("varlen_attention: dropout_p > 0 needs a seed")
+    return torch.tensor([seed], dtype=torch.int64, device=cu_seqlens.device)
+
+
+def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float,
+            seed: torch.Tensor | int | None, launch: Launch | None = None):
+    """(out, lse): out like q; lse (total, heads) fp32 in base 2 of the scaled scores. seed: dropout's (_seed_pointer).
+    launch: forward_launch's rule unless given (benchmarks/tune_kernels.py sweeps it)."""
     q, k, v, cu_seqlens = _rows(q), _rows(k), _rows(v), cu_seqlens.contiguous()
     sq, sk, sv = q.stride(), k.stride(), v.stride()
     _check_row_offsets(max_seqlen, max(sq[0], sk[0], sv[0]))
@@ -356,13 +386,14 @@ def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_
     launch_kernel(
         _fwd_kernel, (blocks, batch, heads),
         q, k, v, out, lse, cu_seqlens, sq[0], sk[0], sv[0], so[0], heads, sq[1], sk[1], sv[1], so[1], heads,
-        max_seqlen, softmax_scale * LOG2E, drop_threshold, keep_scale, seed, head_dim, **kwargs,
+        max_seqlen, softmax_scale * LOG2E, drop_threshold, keep_scale, _seed_pointer(seed, dropout_p, cu_seqlens),
+        head_dim, **kwargs,
     )
     return out, lse
 
 
 def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float,
-             seed: int, launch: Launch | None = None, grads: tuple | None = None):
+             seed: torch.Tensor | int | None, launch: Launch | None = None, grads: tuple | None = None):
     """(dq, dk, dv), each like q. launch: backward_launch's rule unless given; its tile must be square.
     grads: (dq, dk, dv) to write, each with the strides of its input (views of one (total, 3, heads, head_dim)
     gradient, as q, k, v are of one projection); None: contiguous q, k, v and new gradients of their layout."""
@@ -393,13 +424,13 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
         _bwd_kernel, (blocks, batch, heads),
         q, k, v, out, grad_out, dq, dk, dv, lse, delta, cu_seqlens, sq[0], sk[0], sv[0], so[0], sg[0], lse.stride(0),
         sq[1], sk[1], sv[1], so[1], sg[1], heads, max_seqlen, softmax_scale, softmax_scale * LOG2E, drop_threshold,
-        keep_scale, seed, head_dim, **kwargs,
+        keep_scale, _seed_pointer(seed, dropout_p, cu_seqlens), head_dim, **kwargs,
     )
     return dq, dk, dv
 
 
 def dropout_keep_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dropout_p: float,
-                      seed: int) -> torch.Tensor:
+                      seed: torch.Tensor | int) -> torch.Tensor:
     """(B, heads, max_seqlen, max_seqlen) bool: the keep-mask the kernels draw for these arguments."""
     batch, cu_seqlens = cu_seqlens.shape[0] - 1, cu_seqlens.contiguous()
     out = torch.zeros(batch, heads, max_seqlen, max_seqlen, dtype=torch.int8, device=cu_seqlens.device)
@@ -407,5 +438,6 @@ def dropout_keep_mask(cu_seqlens: torch.Tensor, heads: int, max_seqlen: int, dro
         block = _block(max_seqlen)
         launch_kernel(
             _keep_mask_kernel, (cdiv(max_seqlen, block), batch, heads),
-            out, cu_seqlens, heads, max_seqlen, _dropout_args(dropout_p)[0], seed, BLOCK=block)
+            out, cu_seqlens, heads, max_seqlen, _dropout_args(dropout_p)[0], _seed_pointer(seed, dropout_p, cu_seqlens),
+            BLOCK=block)  # without dropout the seed read is cu_seqlens[0]: every key is kept anyway
     return out.bool()

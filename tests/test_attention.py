@@ -245,6 +245,27 @@ def test_dropout_mask_statistics():
     assert not torch.equal(mask[0], mask[1])
 
 
+def test_dropout_seed_lives_on_the_device_and_bad_seeds_are_refused(monkeypatch):
+    """The call draws its seed as one int64 tensor on the inputs' device (the kernels read it from memory); the
+    launchers take such a tensor or an int, and refuse anything else by name."""
+    from uniter_fast.kernels import attention_triton
+
+    q, k, v, cu = packed([12, 7], dtype=torch.float32)
+    seen = []
+    launcher = attention_triton.forward
+    monkeypatch.setattr(attention_triton, "forward", lambda *a, **kw: seen.append(a[7]) or launcher(*a, **kw))
+    with torch.no_grad():
+        attention.varlen_attention(q, k, v, cu, 12, dropout_p=0.3, backend="triton")
+    (seed,) = seen
+    assert isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.shape == (1,)
+    assert seed.device == q.device
+    as_int = launcher(q, k, v, cu, 12, 0.25, 0.3, int(seed))[0]
+    torch.testing.assert_close(launcher(q, k, v, cu, 12, 0.25, 0.3, seed)[0], as_int, atol=0, rtol=0)
+    for bad in (seed.int(), seed.repeat(2), None):
+        with pytest.raises(ValueError, match="seed"):
+            launcher(q, k, v, cu, 12, 0.25, 0.3, bad)
+
+
 def test_dropout_is_reproducible_with_a_seed_and_unbiased():
     q, k, v, cu = packed([12, 7], dtype=torch.float32)
     run = lambda: attention.varlen_attention(q, k, v, cu, 12, dropout_p=0.5, backend="triton")  # noqa: E731
@@ -595,6 +616,29 @@ def test_cuda_fused_delta_backward_matches_the_rule(dropout_p):
                                             fused_delta=True))
     for name, a, b in zip(("dq", "dk", "dv"), rule, fused):
         torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_fresh_dropout_masks():
+    """The seed is drawn on the device inside the captured call, so each replay of a CUDA graph draws anew."""
+    lens = uniter_lens(8, seed=6)
+    q, k, v, cu = packed(lens, heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    run = lambda: attention.varlen_attention(q, k, v, cu, max(lens), dropout_p=0.1, backend="triton")  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        run()  # compiled and loaded before the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert bool(torch.isfinite(out.float()).all()) and not torch.equal(first, out)
+    with torch.no_grad():
+        plain = attention.varlen_attention(q, k, v, cu, max(lens), backend="triton")
+    assert not torch.equal(first, plain)
 
 
 @pytest.mark.gpu
