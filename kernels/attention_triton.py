@@ -354,8 +354,8 @@ def _setup(backward: bool, max_seqlen: int, head_dim: int, dtype: torch.dtype, d
 
 
 def _seed_pointer(seed: torch.Tensor | int | None, dropout_p: float, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """What the kernels' SEED points at: the seed tensor (an int64 on the inputs' device), an int copied there
-    (tests and sweeps: a copy per call), or, without dropout, cu_seqlens (unread)."""
+    """What the kernels' SEED points at: the seed tensor (an int64 on the inputs' device), an int filled into one
+    there (tests and sweeps: a fill launch per call, no copy or sync), or, without dropout, cu_seqlens (unread)."""
     if dropout_p <= 0.0:
         return cu_seqlens
     if isinstance(seed, torch.Tensor):
@@ -363,9 +363,9 @@ def _seed_pointer(seed: torch.Tensor | int | None, dropout_p: float, cu_seqlens:
             raise ValueError(f"varlen_attention: the dropout seed must be one int64 on {cu_seqlens.device}, got "
                              f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
         return seed
-    if seed is None:
-        raise ValueError("varlen_attention: dropout_p > 0 needs a seed")
-    return torch.tensor([seed], dtype=torch.int64, device=cu_seqlens.device)
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"varlen_attention: dropout_p > 0 needs a seed (an int64 tensor or int), got {seed!r}")
+    return torch.full((1,), seed, dtype=torch.int64, device=cu_seqlens.device)
 
 
 def forward(q, k, v, cu_seqlens, max_seqlen: int, softmax_scale: float, dropout_p: float,

@@ -261,7 +261,7 @@ def test_dropout_seed_lives_on_the_device_and_bad_seeds_are_refused(monkeypatch)
     assert seed.device == q.device
     as_int = launcher(q, k, v, cu, 12, 0.25, 0.3, int(seed))[0]
     torch.testing.assert_close(launcher(q, k, v, cu, 12, 0.25, 0.3, seed)[0], as_int, atol=0, rtol=0)
-    for bad in (seed.int(), seed.repeat(2), None):
+    for bad in (seed.int(), seed.repeat(2), None, 2**64, 0.5):
         with pytest.raises(ValueError, match="seed"):
             launcher(q, k, v, cu, 12, 0.25, 0.3, bad)
 
