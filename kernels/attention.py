@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -173,6 +173,14 @@ def _check_offsets(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> Non
                          f"({max(lens)} tokens, sample {lens.index(max(lens))})")
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    dropout_p: float = 0.0                # applied in training mode only
+    softmax_scale: float | None = None    # None: 1 / sqrt(head_dim)
+    deterministic: bool = False
+    backend: str | None = None            # auto | torch | triton | xformers (None: auto)
+
+
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -196,24 +204,18 @@ def varlen_attention(
     return _attend(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, softmax_scale, deterministic, backend)
 
 
-def varlen_attention_qkv(
-    qkv: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    *,
-    dropout_p: float = 0.0,
-    softmax_scale: float | None = None,
-    deterministic: bool = False,
-    backend: str | None = None,
-) -> torch.Tensor:
+def varlen_attention_qkv(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                         options: AttentionOptions = AttentionOptions()) -> torch.Tensor:
     """varlen_attention of q, k, v = qkv.unbind(1), for qkv (total_tokens, 3, heads, head_dim) as one projection
-    makes it. On the triton backend its gradient is one tensor like qkv, written by the kernel."""
+    makes it, with varlen_attention's keyword arguments as `options` (dropout_p applies as given here). On the triton
+    backend its gradient is one tensor like qkv, written by the kernel."""
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"varlen_attention_qkv: qkv must be (total, 3, heads, head_dim), got {tuple(qkv.shape)}")
     qkv = qkv.contiguous()  # a no-op for a projection's output
     q, k, v = qkv.unbind(1)
-    _check(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
-    return _attend(q, k, v, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, deterministic, backend)
+    o = options
+    _check(q, k, v, cu_seqlens, max_seqlen, o.dropout_p, o.softmax_scale)
+    return _attend(q, k, v, qkv, cu_seqlens, max_seqlen, o.dropout_p, o.softmax_scale, o.deterministic, o.backend)
 
 
 def _attend(q, k, v, qkv, cu_seqlens, max_seqlen, dropout_p, softmax_scale, deterministic, backend) -> torch.Tensor:
@@ -258,14 +260,6 @@ def _on_xformers(q, k, v, cu_seqlens, dropout_p: float, scale: float, determinis
     raise BackendUnavailable(f"varlen_attention: the xformers backend cannot serve this call: {reason}") from cause
 
 
-@dataclass(frozen=True)
-class AttentionOptions:
-    dropout_p: float = 0.0                # applied in training mode only
-    softmax_scale: float | None = None    # None: 1 / sqrt(head_dim)
-    deterministic: bool = False
-    backend: str | None = None            # auto | torch | triton | xformers (None: auto)
-
-
 class VarlenAttention(nn.Module):
     """`varlen_attention` as a module; `probs=True` also returns each sample's attention probabilities
     (heads, L_b, L_b), computed by the reference in fp32 without dropout, for attention maps."""
@@ -285,8 +279,8 @@ class VarlenAttention(nn.Module):
     def from_qkv(self, qkv, cu_seqlens, max_seqlen: int, *, probs: bool = False):
         """forward of q, k, v = qkv.unbind(1) through varlen_attention_qkv, qkv (total, 3, heads, head_dim)."""
         o = self.options
-        out = varlen_attention_qkv(qkv, cu_seqlens, max_seqlen, dropout_p=o.dropout_p if self.training else 0.0,
-                                   softmax_scale=o.softmax_scale, deterministic=o.deterministic, backend=o.backend)
+        out = varlen_attention_qkv(qkv, cu_seqlens, max_seqlen,
+                                   o if self.training or not o.dropout_p else replace(o, dropout_p=0.0))
         if not probs:
             return out
         q, k, _ = qkv.detach().unbind(1)

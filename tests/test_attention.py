@@ -77,7 +77,7 @@ def test_one_qkv_tensor_gives_the_three_tensor_call_and_one_gradient(dropout_p):
     n = max(LENS)
     for backend_name in ("triton", "torch"):
         torch.manual_seed(3)
-        out = attention.varlen_attention_qkv(qkv, cu, n, dropout_p=dropout_p, backend=backend_name)
+        out = attention.varlen_attention_qkv(qkv, cu, n, attention.AttentionOptions(dropout_p, backend=backend_name))
         (got,) = torch.autograd.grad(out, qkv, grad)
         views = qkv.detach().clone().unbind(1)
         views = tuple(t.requires_grad_() for t in views)
@@ -107,7 +107,7 @@ def test_qkv_backward_writes_into_given_gradients_and_refuses_other_layouts():
     with pytest.raises(ValueError, match="share one layout"):
         attention_triton.backward(grad_out, q, k, v, out, lse, cu, max(LENS), 0.25, 0.0, 0, grads=grads.unbind(1))
     with pytest.raises(ValueError, match=r"\(total, 3, heads, head_dim\)"):
-        attention.varlen_attention_qkv(q, cu, max(LENS), backend="triton")
+        attention.varlen_attention_qkv(q, cu, max(LENS), attention.AttentionOptions(backend="triton"))
 
 
 def test_rows_beyond_32_bit_offsets_are_refused():
@@ -651,7 +651,7 @@ def test_cuda_qkv_call_equals_the_three_tensor_call(dropout_p):
     grad, n = torch.randn_like(q), max(lens)
     qkv = torch.stack([q, k, v], 1).requires_grad_()
     torch.manual_seed(5)
-    out = attention.varlen_attention_qkv(qkv, cu, n, dropout_p=dropout_p, backend="triton")
+    out = attention.varlen_attention_qkv(qkv, cu, n, attention.AttentionOptions(dropout_p, backend="triton"))
     (got,) = torch.autograd.grad(out, qkv, grad)
     views = tuple(t.detach().clone().requires_grad_() for t in (q, k, v))
     torch.manual_seed(5)
