@@ -41,7 +41,7 @@ if [ "${1:-}" = "--tune-only" ]; then
 fi
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 [ -n "$workers" ] || echo "gpu_check: no pytest-xdist here: the gpu tests run one at a time" | tee -a "$out/env.log"
-timeout 100 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
+timeout 130 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
 # workers a timeout leaves would share the GPU with the benchmarks (run from this file: pasted into a one-line
 # command, the pattern matches that command's own shell, which it then kills)
 pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true
