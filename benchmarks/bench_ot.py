@@ -38,6 +38,7 @@ block go to its speedup_vs column as peer=ratio pairs.
     python benchmarks/bench_ot.py                      # the default run (aimed at about 90 s on an H100)
     python benchmarks/bench_ot.py --quick --no-compile # smoke test on a GPU
     python benchmarks/bench_ot.py --host --no-compile --sizes 256 --cases wra_fwd,wra_fwd_bwd   # host time alone
+    python benchmarks/bench_ot.py --impls ref_graph,triton_ipot --sizes 256,1024,4096   # ours and one peer
     TRITON_INTERPRET=1 python benchmarks/bench_ot.py --cpu-smoke   # code paths on the CPU, tiny sizes
 """
 from __future__ import annotations
@@ -63,6 +64,8 @@ from uniter_fast.kernels import reference
 CASES = ("fwd_cost", "wra_fwd", "wra_fwd_bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OURS = ("ipot", "ipot_log", "sinkhorn_log")
+IMPLS = ("ref_eager", "ref_graph", "ref_compile", "pot_log_sinkhorn", "pot_proximal",
+         *(f"triton_{method}" for method in OURS))
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12}  # data-sheet B/s, matched in this order
 COST_DIM = 8  # the fwd_cost case's cost is a cosine cost of low-dimensional vectors: spread over [0, 2]
 
@@ -114,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input dtypes, comma-separated from fp32,bf16,fp16 (default fp32,bf16)")
     p.add_argument("--cases", type=_names(CASES), default=list(CASES),
                    help=f"what to time, comma-separated from {','.join(CASES)} (default all)")
+    p.add_argument("--impls", type=_names(IMPLS), default=list(IMPLS),
+                   help=f"which implementations run, comma-separated from {','.join(IMPLS)} (default all; the wra "
+                        "cases have no compile or POT peers)")
     p.add_argument("--reps", type=int, default=50,
                    help=f"the most timed calls per measurement (at least {MIN_REPS}; fewer for slow ones: "
                         f"about {TARGET_S} s each)")
@@ -365,7 +371,7 @@ class Block:
             for method in OURS:
                 items.append((f"triton_{method}", _algo(method), True,
                               lambda m=method: self._ours(_ours_wra(args, prob, m, backward))))
-        return items
+        return [item for item in items if item[0] in args.impls]
 
     def _graph(self, fn):
         if self.ctx.device.type != "cuda":

@@ -642,6 +642,40 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("qkv", [False, True], ids=["three_tensors", "qkv"])
+@pytest.mark.parametrize("mode", ["global", "thread_local"])
+def test_cuda_graph_captures_the_autograd_call(mode, qkv):
+    """A training call (autograd.Function forward and backward, as an eager encoder makes it) captured in a CUDA
+    graph: its replay gives the eager call's output and gradients, bit for bit."""
+    lens = uniter_lens(8, seed=7)
+    q, k, v, cu = packed(lens, heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    grad, n = torch.randn_like(q), max(lens)
+    inputs = (torch.stack([q, k, v], 1),) if qkv else (q, k, v)
+    inputs = tuple(t.detach().requires_grad_() for t in inputs)
+
+    def run():
+        if qkv:
+            out = attention.varlen_attention_qkv(inputs[0], cu, n, attention.AttentionOptions(backend="triton"))
+        else:
+            out = attention.varlen_attention(*inputs, cu, n, backend="triton")
+        return (out, *torch.autograd.grad(out, inputs, grad))
+
+    expected = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=mode):
+        captured = run()
+    graph.replay()
+    assert len(captured) == len(expected) == 1 + len(inputs)
+    for i, (got, want) in enumerate(zip(captured, expected)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"output {i} (0: out, then grads): {m}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1])
 def test_cuda_qkv_call_equals_the_three_tensor_call(dropout_p):
     """varlen_attention_qkv at UNITER-base shapes in bf16: the same kernels on qkv's strided views, so the same
