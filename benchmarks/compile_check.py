@@ -133,12 +133,15 @@ def ot_variants() -> list[Variant]:
         grad_rule, precision = ot.backward_launch(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype])
         grad_rule = {k: v for k, v in grad_rule.items() if k != "SPLITS"}
         stages = grad_rule.pop("num_stages")
-        out.append(Variant(
-            f"ot cosine backward {dtype}", ot._cosine_grad_kernel,
-            dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
-                 grad_ptr="fp32", **lens),
-            dict(PACKED=False, DOT_PRECISION=precision, **_launch(grad_rule)),
-            grad_rule["num_warps"], stages))
+        # bf16: the rule's 16-bit products and the tf32 ones they replaced
+        for low in (True, False) if grad_rule["LOW_OPERANDS"] else (False,):
+            out.append(Variant(
+                f"ot cosine backward {dtype}{'' if low == grad_rule['LOW_OPERANDS'] else ' tf32'}",
+                ot._cosine_grad_kernel,
+                dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
+                     grad_ptr="fp32", **lens),
+                dict(PACKED=False, DOT_PRECISION=precision, EVEN_D=True, **_launch({**grad_rule, "LOW_OPERANDS": low})),
+                grad_rule["num_warps"], stages))
     return out
 
 
@@ -177,7 +180,7 @@ def compile_one(v: Variant, arch: int, sass: bool = False) -> str:
     sig, constexprs, aligned = signature(v)
     src = ASTSource(fn=v.kernel, signature=sig, constexprs=constexprs, attrs=aligned)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+                              options=dict(num_warps=v.num_warps, num_stages=v.num_stages, **v.options))
     report = f"{resources(compiled.asm['cubin'])}  shared {compiled.metadata.shared:>6}"
     if sass:
         for count, body in loops(compiled.asm["cubin"]):

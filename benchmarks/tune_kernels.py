@@ -45,11 +45,12 @@ OT_COST = [{}, {"COL_LANES": 32, "num_warps": 4}, {"COL_LANES": 16, "num_warps":
            {"COL_LANES": 16}, {"num_warps": 8}, {"SHRINK": False}]
 OT_VECTORS = [{}, {"COL_LANES": 16}, {"num_warps": 2, "COL_LANES": 16}, {"num_warps": 2}, {"BLOCK_D": 64},
               {"num_stages": 2}, {"SHRINK": False}]
-OT_BACKWARD = [{}, {"num_stages": 2}, {"num_warps": 8}, {"num_warps": 2}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
+OT_BACKWARD = [{}, {"LOW_OPERANDS": False}, {"num_stages": 2}, {"num_warps": 8}, {"num_warps": 2}, {"BLOCK_D": 16}, {"BLOCK_D": 64},
                {"BLOCK_D": 64, "num_warps": 8}, {"SPLITS": 1}, {"SPLITS": 2}, {"SPLITS": 8}]
 OT_FP32 = [{}, {"DOT_PRECISION": "tf32x3"}]  # fp32 vectors: exact products against three tensor-core ones
 # (tf32x3 crashed the fp32 backward's kernel with an illegal memory access: the launcher refuses it)
 OT_FP32_BACKWARD = [{}, {"num_stages": 3}, {"num_warps": 4}, {"BLOCK_D": 32}]
+OT_SWEEPS = ("cost", "vectors", "backward", "fp32")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["attention", "ot"], choices=["attention", "ot"])
     p.add_argument("--ot-sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--ot-sweeps", nargs="+", default=list(OT_SWEEPS), choices=list(OT_SWEEPS),
+                   help="which OT sweeps run: IPOT from a cost (at --ot-sizes), the fused forward from vectors, the "
+                        "cosine backward (bf16, B=1024 and 256), and fp32 vectors (B=1024)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, two launches each, under the interpreter")
@@ -107,22 +111,29 @@ def tune_ot(args, timer: Timer, device) -> None:
     shape = SMOKE if args.cpu_smoke else UNITER
     solve = ot.Solve("ipot", scale=2.0, iterations=50)  # beta 0.5, as the original
     costs = OT_COST[:2] if args.cpu_smoke else OT_COST
-    for B in args.ot_sizes:
+    for B in args.ot_sizes if "cost" in args.ot_sweeps else ():
         prob = make_problem("fwd_cost", shape, B, torch.float32, 0, device)
         rule = ot._config(B, shape.M, shape.N, None, 4, device)
         sweep(f"ot ipot from a cost  B={B} fp32  rule {rule}", timer, costs,
               lambda tune: ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
-    # (B, dtype, forward launches, backward launches): bf16 is training's; B=256 splits each problem's dims
-    cases = [(args.ot_sizes[-1], torch.float32, OT_VECTORS[:2], OT_BACKWARD[:2])] if args.cpu_smoke else [
-        (1024, torch.bfloat16, OT_VECTORS, OT_BACKWARD), (256, torch.bfloat16, OT_VECTORS[:3], OT_BACKWARD),
-        (1024, torch.float32, OT_FP32, OT_FP32_BACKWARD)]
-    for B, dtype, vectors, backwards in cases:
+    # (B, dtype, forward launches, backward launches, the sweep names they belong to): bf16 is training's; B=256
+    # splits each problem's dims
+    cases = [(args.ot_sizes[-1], torch.float32, OT_VECTORS[:2], OT_BACKWARD[:2], "vectors", "backward")] \
+        if args.cpu_smoke else [(1024, torch.bfloat16, OT_VECTORS, OT_BACKWARD, "vectors", "backward"),
+                                (256, torch.bfloat16, OT_VECTORS[:3], OT_BACKWARD, "vectors", "backward"),
+                                (1024, torch.float32, OT_FP32, OT_FP32_BACKWARD, "fp32", "fp32")]
+    for B, dtype, vectors, backwards, forward_sweep, backward_sweep in cases:
+        if forward_sweep not in args.ot_sweeps and backward_sweep not in args.ot_sweeps:
+            continue
         prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
         text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
         rule = ot._config(B, shape.M, shape.N, shape.D, prob.text.element_size(), device)
-        sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
-              lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve,
-                                                tune=tune)[0])
+        if forward_sweep in args.ot_sweeps:
+            sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
+                  lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve,
+                                                    tune=tune)[0])
+        if backward_sweep not in args.ot_sweeps:
+            continue
         stats = ot.grad_stats(B, prob.text.shape[1], prob.regions.shape[1], device)
         _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True,
                                           stats=stats)

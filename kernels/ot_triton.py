@@ -446,14 +446,17 @@ def _cosine_grad_kernel(
     text_lens_ptr, region_lens_ptr, plan_ptr, s_pb, s_pm, s_pn, stats_ptr, grad_ptr,
     M, N, D, SPLITS, dims_per_split,
     PACKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, LOW_OPERANDS: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """d dist_b / d x and d y with the plan T constant: dist = sum T (1 - x^ . y^), through F.normalize:
         gx_i = g inv_x_i (rdot_i x^_i - sum_j T_ij y^_j),  gy_j = g inv_y_j (cdot_j y^_j - sum_i T_ij x^_i),
     with x^ = x inv_x, rdot_i = sum_j T_ij cos_ij, cdot_j likewise, from the forward (grad_stats); below eps the
     Jacobian is I / eps and the rdot term drops. Nothing sums over D: program (problem, split) owns
     dims_per_split dims of one problem, so a small batch still fills the GPU (the splits of a problem run
-    side by side and share its plan through L2)."""
+    side by side and share its plan through L2). LOW_OPERANDS: the norms are folded into the plan's weights
+    once, sum_j T_ij y^_j = (T diag(inv_y)) y, and those weights rounded to the vectors' 16-bit dtype, so the
+    products take the raw vectors on that dtype (half the shared memory and twice the tensor-core rate of
+    tf32; bf16 keeps fp32's range, fp16 would flush small weights)."""
     pid = tl.program_id(0)
     b = pid // SPLITS
     d_start = (pid % SPLITS) * dims_per_split
@@ -483,6 +486,11 @@ def _cosine_grad_kernel(
     r = tl.where(inv_x < 1.0 / _NORM_EPS, g * tl.load(stats + (M + N) + rows, mask=rows < m, other=0.0), on_rows)
     c = tl.where(inv_y < 1.0 / _NORM_EPS, g * tl.load(stats + (M + N) + M + y_rows, mask=y_rows < n, other=0.0),
                  on_cols)
+    if LOW_OPERANDS:  # the norms folded into the weights, rounded once: the products take the raw vectors
+        w_y = (w * tl.trans(inv_y)).to(x_ptr.dtype.element_ty)  # T diag(inv_y) (BM, BN)
+        w_x = (w_t * tl.trans(inv_x)).to(x_ptr.dtype.element_ty)  # T^T diag(inv_x) (BN, BM)
+        rx = r * inv_x  # r x^ = (r inv_x) x
+        cy = c * inv_y
     # padded rows: every row of the problem's block is stored, its pads as the zeros they compute to (x, the plan
     # and the stats read 0 there), so the gradients need no zeroing first; packed rows: the problem's rows only
     if PACKED:
@@ -490,15 +498,32 @@ def _cosine_grad_kernel(
     else:
         x_stored, y_stored = rows < M, y_rows < N
     d = tl.arange(0, BLOCK_D)[None, :]
-    for d0 in range(d_start, d_start + dims_per_split, BLOCK_D):
-        x = _vector_tile(x_ptr, xb, s_xr, s_xd, rows, m, d0 + d, D).to(tl.float32) * inv_x  # x^ (BM, BD)
-        y = _vector_tile(y_ptr, yb, s_yr, s_yd, y_rows, n, d0 + d, D).to(tl.float32) * inv_y  # y^ (BN, BD)
-        gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x
-        gy = (c * y - tl.dot(w_t, x, input_precision=DOT_PRECISION)) * inv_y
-        tl.store(gx_ptr + gxb + rows * s_gxr + (d0 + d) * s_gxd, gx.to(gx_ptr.dtype.element_ty),
-                 mask=x_stored & (d0 + d < D))
-        tl.store(gy_ptr + gyb + y_rows * s_gyr + (d0 + d) * s_gyd, gy.to(gy_ptr.dtype.element_ty),
-                 mask=y_stored & (d0 + d < D))
+    x_read, y_read = rows < m, y_rows < n
+    for d0 in range(d_start, tl.minimum(d_start + dims_per_split, D), BLOCK_D):
+        x_at = x_ptr + xb + rows * s_xr + (d0 + d) * s_xd
+        y_at = y_ptr + yb + y_rows * s_yr + (d0 + d) * s_yd
+        if EVEN_D:  # no step crosses D: the rows' masks alone
+            x = tl.load(x_at, mask=x_read, other=0.0)  # (BM, BD), the inputs' dtype
+            y = tl.load(y_at, mask=y_read, other=0.0)  # (BN, BD)
+        else:
+            x = tl.load(x_at, mask=x_read & (d0 + d < D), other=0.0)
+            y = tl.load(y_at, mask=y_read & (d0 + d < D), other=0.0)
+        if LOW_OPERANDS:
+            gx = (rx * x.to(tl.float32) - tl.dot(w_y, y)) * inv_x
+            gy = (cy * y.to(tl.float32) - tl.dot(w_x, x)) * inv_y
+        else:
+            x = x.to(tl.float32) * inv_x  # x^ (BM, BD)
+            y = y.to(tl.float32) * inv_y  # y^ (BN, BD)
+            gx = (r * x - tl.dot(w, y, input_precision=DOT_PRECISION)) * inv_x
+            gy = (c * y - tl.dot(w_t, x, input_precision=DOT_PRECISION)) * inv_y
+        gx_at = gx_ptr + gxb + rows * s_gxr + (d0 + d) * s_gxd
+        gy_at = gy_ptr + gyb + y_rows * s_gyr + (d0 + d) * s_gyd
+        if EVEN_D:
+            tl.store(gx_at, gx.to(gx_ptr.dtype.element_ty), mask=x_stored)
+            tl.store(gy_at, gy.to(gy_ptr.dtype.element_ty), mask=y_stored)
+        else:
+            tl.store(gx_at, gx.to(gx_ptr.dtype.element_ty), mask=x_stored & (d0 + d < D))
+            tl.store(gy_at, gy.to(gy_ptr.dtype.element_ty), mask=y_stored & (d0 + d < D))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -588,7 +613,8 @@ def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     """fp32 inputs: exact products ("ieee"; tf32 would cost the cosine three digits; "tf32x3", three tensor-core
     products with about fp32's error, is swept by tune_kernels for the forward: 1.39x faster there at B=1024 on an
     H100, 2026-11-27, but the same precision crashed the backward's kernel, so it is not the rule).
-    bf16: tensor cores, bf16 operands forward and tf32 backward (both finer than the bf16 result). fp16: fp16
+    bf16: tensor cores, bf16 operands forward and, on a GPU, backward (backward_launch's LOW_OPERANDS); tf32
+    where that is off (both finer than the bf16 result). fp16: fp16
     operands forward, exact backward (tf32 is no finer than the fp16 gradient it would feed)."""
     if dtype == torch.float32 or (backward and dtype == torch.float16):
         return "ieee"
@@ -597,7 +623,7 @@ def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     return "tf32"
 
 
-BACKWARD_KEYS = ("BLOCK_D", "SPLITS", "DOT_PRECISION", "num_warps", "num_stages")  # what tune= may set
+BACKWARD_KEYS = ("BLOCK_D", "SPLITS", "DOT_PRECISION", "LOW_OPERANDS", "num_warps", "num_stages")  # tune= sets
 
 
 def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.dtype,
@@ -606,14 +632,16 @@ def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.d
     products run on the FMA units like fp32 inputs', so they take fp32's launch: for fp16, 4 warps and 32 dims
     spilled 7.7 KB on sm_90), and each problem's dims split over SPLITS programs until the batch makes four
     programs per SM. One pipeline stage: 1.73x faster than three for bf16 at B=1024 on an H100 (tune_kernels.py,
-    2026-11-27; two 1.34x, four 0.91x), and fp32's exact products take 127 registers against 255 (sm_90)."""
+    2026-11-27; two 1.34x, four 0.91x), and fp32's exact products take 127 registers against 255 (sm_90).
+    bf16 vectors: the products on bf16 operands (LOW_OPERANDS; the kernel's doc), except in the interpreter."""
     precision = _dot_precision(dtype, True)
     elem_bytes = 4 if precision == "ieee" else dtype.itemsize
     rule = _config(batch, max_m, max_n, dim, elem_bytes, device)
     chunks = cdiv(dim, rule["BLOCK_D"])
     splits = min(chunks, cdiv(4 * _sm_count(device), max(batch, 1)))
+    low = dtype == torch.bfloat16 and not interpreting()  # the interpreter's bf16 dot gives NaN
     return dict(BLOCK_M=rule["BLOCK_M"], BLOCK_N=rule["BLOCK_N"], BLOCK_D=rule["BLOCK_D"], SPLITS=splits,
-                num_warps=rule["num_warps"], num_stages=1), precision
+                LOW_OPERANDS=low, num_warps=rule["num_warps"], num_stages=1), precision
 
 
 # the rules once per shape (host time); their dicts are shared, so the launchers copy before changing one
@@ -628,6 +656,8 @@ def _tuned_backward(rule: dict, tune: dict | None) -> dict:
     config = {**rule, **(tune or {})}
     if config["BLOCK_D"] not in (16, 32, 64, 128) or not (isinstance(config["SPLITS"], int) and config["SPLITS"] >= 1):
         raise ValueError(f"tune={tune}: BLOCK_D must be 16, 32, 64 or 128 and SPLITS a positive int")
+    if not isinstance(config["LOW_OPERANDS"], bool):
+        raise ValueError(f"tune={tune}: LOW_OPERANDS must be True or False")
     if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32"):
         # tf32x3 compiles, but its fp32 launch hit an illegal memory access on an H100 (Triton 3.6, 2026-11-27)
         raise ValueError(f"tune={tune}: the cosine backward's DOT_PRECISION must be ieee or tf32 (tf32x3 crashed "
@@ -739,6 +769,6 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         grad_text, *gx.strides, grad_regions, *gy.strides,
         text_lens, region_lens, plan, *plan.stride(), stats, grad_dist.float().contiguous(),
         max_m, max_n, dim, splits, per_split * config["BLOCK_D"], PACKED=text.starts is not None,
-        DOT_PRECISION=precision, **{k: v for k, v in config.items() if k not in ("SPLITS", "DOT_PRECISION")},
+        DOT_PRECISION=precision, EVEN_D=dim % config["BLOCK_D"] == 0, **{k: v for k, v in config.items() if k not in ("SPLITS", "DOT_PRECISION")},
     )
     return grad_text, grad_regions

@@ -307,15 +307,17 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
 
-def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, monkeypatch) -> None:
+@pytest.mark.parametrize("dim", [70, 64])
+def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, monkeypatch, dim: int) -> None:
     """The backward reads the forward's norms and plan-weighted cosine sums (grad_stats, written on half tiles
     too) and splits each problem's dims over programs: every split and dim step gives the fp64 gradient, pads
-    included (its padded gradients start as NaN here: the kernel must write every element)."""
+    included (its padded gradients start as NaN here: the kernel must write every element), with the norms
+    folded into the weights (LOW_OPERANDS, here on fp32) or not, and dims that the steps divide (64) or not."""
     from uniter_fast.kernels import ot_triton as kernels
 
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
 
-    text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=70, dtype=torch.float32)
+    text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=dim, dtype=torch.float32)
     regions[0, 3] = 0  # a zero vector: F.normalize's eps branch, on the region side this time
     solve = kernels.Solve("ipot", scale=2.0, iterations=8)
     rows = kernels.Rows(text), kernels.Rows(regions)
@@ -327,7 +329,8 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
     expected_dist = reference.transport_distance_ref(cost, plan.double())  # the kernel's plan, held constant
     expected = torch.autograd.grad((expected_dist * weights).sum(), (text64, regions64))
     for tune in ({}, {"SPLITS": 1}, {"SPLITS": 2, "BLOCK_D": 16}, {"SPLITS": 3, "BLOCK_D": 16},
-                 {"SPLITS": 9, "BLOCK_D": 16}, {"BLOCK_D": 64, "num_warps": 8}):
+                 {"SPLITS": 9, "BLOCK_D": 16}, {"BLOCK_D": 64, "num_warps": 8}, {"LOW_OPERANDS": True},
+                 {"LOW_OPERANDS": True, "SPLITS": 3, "BLOCK_D": 16}):
         grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune=tune)
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
@@ -338,6 +341,8 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
     with pytest.raises(ValueError, match="tf32x3 crashed"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
                                 tune={"DOT_PRECISION": "tf32x3"})
+    with pytest.raises(ValueError, match="LOW_OPERANDS must be True or False"):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"LOW_OPERANDS": 1})
     with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"PROBS": 2})
     with pytest.raises(ValueError, match=r"grad_stats buffer: expected a contiguous fp32 tensor of shape \(6, 2, "):
@@ -428,6 +433,31 @@ def test_module_equals_the_functional(gen: torch.Generator, method: str) -> None
                            **METHOD_ARGS[method])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert "iterations=9" in repr(layer)
+
+
+def test_backward_products_on_16_bit_operands(gen: torch.Generator) -> None:
+    """LOW_OPERANDS, the backward's rule for bf16 on a GPU (the interpreter cannot run bf16 products): the weights
+    T diag(inv_y) rounded once to the inputs' 16-bit dtype, the products on it. Here on fp16: its gradients'
+    error against fp64 is within twice the exact products' (fp16's rule) plus the rounding of the weights."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=48, dtype=torch.float16)
+    solve = kernels.Solve("ipot", scale=2.0, iterations=8)
+    rows = kernels.Rows(text), kernels.Rows(regions)
+    stats = kernels.grad_stats(len(SIZES_LONG), text.shape[1], regions.shape[1], text.device)
+    _, plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats)
+    weights = torch.randn(len(SIZES_LONG), generator=gen, dtype=torch.float64)
+    text64, regions64 = text.double().requires_grad_(), regions.double().requires_grad_()
+    dist = reference.transport_distance_ref(reference.cosine_cost_ref(text64, regions64), plan.double())
+    expected = torch.autograd.grad((dist * weights).sum(), (text64, regions64))
+    exact = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float())
+    low = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
+                                  tune={"LOW_OPERANDS": True})
+    for got, ref, want in zip(low, exact, expected):
+        assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
+        error, ref_error = (got.double() - want).abs().max().item(), (ref.double() - want).abs().max().item()
+        assert error <= 2 * ref_error + 1e-3 * want.abs().max().item(), (error, ref_error)
+        assert not torch.equal(got, ref)  # the 16-bit products ran
 
 
 def test_bf16_vectors_on_the_cpu(gen: torch.Generator) -> None:
