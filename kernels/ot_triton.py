@@ -769,6 +769,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
         grad_text, *gx.strides, grad_regions, *gy.strides,
         text_lens, region_lens, plan, *plan.stride(), stats, grad_dist.float().contiguous(),
         max_m, max_n, dim, splits, per_split * config["BLOCK_D"], PACKED=text.starts is not None,
-        DOT_PRECISION=precision, EVEN_D=dim % config["BLOCK_D"] == 0, **{k: v for k, v in config.items() if k not in ("SPLITS", "DOT_PRECISION")},
+        DOT_PRECISION=precision, EVEN_D=dim % config["BLOCK_D"] == 0,
+        **{k: v for k, v in config.items() if k not in ("SPLITS", "DOT_PRECISION")},
     )
     return grad_text, grad_regions
