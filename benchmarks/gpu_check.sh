@@ -6,6 +6,9 @@
 #         with training's dropout, the base encoder compiled (ours, ours replayed from CUDA graphs, and BertModel),
 #         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
+# --goals: the issues' goals alone, in about 5 minutes: the gpu tests of the OT kernels and of graph capture, IPOT
+#          and WRA (ours and the CUDA-graph loop), the cosine backward's sweep, attention against its peers, the
+#          base encoder (ours eager and replayed, BertModel eager and compiled), and the IPOT kernel under ncu.
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
 # .whl/; the device image has pytest-xdist for the gpu tests' 8 workers), and `python benchmarks/compile_check.py`
 # with the device's Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then
@@ -35,8 +38,29 @@ extras() {
         --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled 2>&1 | tail -20 | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
 }
+goals() {
+    timeout 80 python -m pytest -q -m gpu -n 8 tests/test_ot_triton.py tests/test_attention.py 2>&1 \
+        | tee "$out/gpu_tests.log"
+    pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true
+    timeout 45 python benchmarks/bench_ot.py --impls ref_graph,triton_ipot --cases fwd_cost --dtypes fp32 \
+        --sizes 256,1024,4096 2>&1 | tee "$out/bench_ot.log"
+    timeout 30 python benchmarks/bench_ot.py --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
+        --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
+    timeout 40 python benchmarks/tune_kernels.py --parts ot --ot-sweeps backward 2>&1 | tee "$out/tune.log"
+    timeout 40 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        python benchmarks/profile_ipot.py --sizes 256 1024 2>&1 | tee "$out/ncu_ipot.log"
+    timeout 25 python benchmarks/bench_attention.py --quick --batches uniter 2>&1 | tee "$out/bench_attention.log"
+    timeout 110 python benchmarks/bench_layer.py --models base --impls ours_triton,ours_graphs,hf_eager,hf_compile \
+        2>&1 | tee "$out/bench_layer.log"
+    cp benchmarks/results.csv "$out/" 2>/dev/null || true
+}
 if [ "${1:-}" = "--tune-only" ]; then
     extras
+    exit 0
+fi
+if [ "${1:-}" = "--goals" ]; then
+    goals
     exit 0
 fi
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")

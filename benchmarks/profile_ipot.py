@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""The IPOT kernel's launches for a profiler: what limits it, measured (issue 3 asks for that where a goal is missed).
+
+Runs IPOT from an fp32 cost (UNITER's 60 x 100, random lengths, 50 iterations, the launch rule) twice at each
+--sizes B: the first call compiles, the second is the one to profile. Under Nsight Compute
+(benchmarks/gpu_check.sh --goals runs it so):
+
+    ncu --kernel-name regex:_transport_kernel --launch-skip 1 --launch-skip-before-match 0 \\
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
+        --section SchedulerStats python benchmarks/profile_ipot.py --sizes 256 1024
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from bench_ot import UNITER, make_problem
+
+from uniter_fast.kernels import ot_triton as ot
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_ipot: needs a CUDA device (it launches the kernels for a profiler)", file=sys.stderr)
+        return 2
+    solve = ot.Solve("ipot", scale=2.0, iterations=50)  # beta 0.5, as the original
+    for B in args.sizes:
+        prob = make_problem("fwd_cost", UNITER, B, torch.float32, 0, torch.device("cuda"))
+        rule = ot._config(B, UNITER.M, UNITER.N, None, 4, prob.cost.device)
+        ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve)
+        torch.cuda.synchronize()
+        print(f"profile_ipot: B={B} launched, rule {rule}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
