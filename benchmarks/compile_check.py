@@ -133,14 +133,16 @@ def ot_variants() -> list[Variant]:
         grad_rule, precision = ot.backward_launch(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype])
         grad_rule = {k: v for k, v in grad_rule.items() if k != "SPLITS"}
         stages = grad_rule.pop("num_stages")
-        # bf16: the rule's 16-bit products and the tf32 ones they replaced
+        # bf16: the rule's 16-bit products (64 dims a step) and the tf32 ones they replaced (32 dims)
         for low in (True, False) if grad_rule["LOW_OPERANDS"] else (False,):
+            replaced = {} if low == grad_rule["LOW_OPERANDS"] else {"BLOCK_D": 32}
             out.append(Variant(
                 f"ot cosine backward {dtype}{'' if low == grad_rule['LOW_OPERANDS'] else ' tf32'}",
                 ot._cosine_grad_kernel,
                 dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
                      grad_ptr="fp32", **lens),
-                dict(PACKED=False, DOT_PRECISION=precision, EVEN_D=True, **_launch({**grad_rule, "LOW_OPERANDS": low})),
+                dict(PACKED=False, DOT_PRECISION=precision, EVEN_D=True,
+                     **_launch({**grad_rule, "LOW_OPERANDS": low, **replaced})),
                 grad_rule["num_warps"], stages))
     return out
 
