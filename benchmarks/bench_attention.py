@@ -276,6 +276,7 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
             with torch.enable_grad() if backward else torch.no_grad():
                 out = output()
                 err = "random" if p else f"{(out.float() - batch.expected).abs().max().item():.1e}"
+                del out  # its autograd graph would keep the inputs' AccumulateGrad nodes, which breaks --graph
                 if args.host:
                     times = host_times(run, timer.reps, timer.warmup, timer.sync)
                 else:

@@ -646,7 +646,9 @@ def test_cuda_graph_replays_draw_fresh_dropout_masks():
 @pytest.mark.parametrize("mode", ["global", "thread_local"])
 def test_cuda_graph_captures_the_autograd_call(mode, qkv):
     """A training call (autograd.Function forward and backward, as an eager encoder makes it) captured in a CUDA
-    graph: its replay gives the eager call's output and gradients, bit for bit."""
+    graph: its replay gives the eager call's output and gradients, bit for bit. No earlier call's graph may be
+    alive at the capture: it would keep the inputs' AccumulateGrad nodes of the stream it ran on (torch then
+    syncs the legacy stream with the capturing one, which fails the capture)."""
     lens = uniter_lens(8, seed=7)
     q, k, v, cu = packed(lens, heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
     grad, n = torch.randn_like(q), max(lens)
@@ -658,18 +660,18 @@ def test_cuda_graph_captures_the_autograd_call(mode, qkv):
             out = attention.varlen_attention_qkv(inputs[0], cu, n, attention.AttentionOptions(backend="triton"))
         else:
             out = attention.varlen_attention(*inputs, cu, n, backend="triton")
-        return (out, *torch.autograd.grad(out, inputs, grad))
+        return tuple(t.detach() for t in (out, *torch.autograd.grad(out, inputs, grad)))  # no graph kept
 
-    expected = run()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        run()
+        run()  # compiled and loaded before the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode=mode):
         captured = run()
     graph.replay()
+    expected = run()
     assert len(captured) == len(expected) == 1 + len(inputs)
     for i, (got, want) in enumerate(zip(captured, expected)):
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=lambda m: f"output {i} (0: out, then grads): {m}")
