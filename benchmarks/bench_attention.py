@@ -225,8 +225,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(HEADS), choices=list(HEADS))
-    p.add_argument("--batches", nargs="+", default=["uniter", "L=32", "L=64", "L=96", "L=128", "L=160"],
-                   help="'uniter' (random UNITER lengths) and/or L=<n> (every sample n tokens)")
+    p.add_argument("--batches", nargs="+", default=None,
+                   help="'uniter' (random UNITER lengths) and/or L=<n> (every sample n tokens); default uniter and "
+                        "L=32..160 in steps of 32 (uniter and L=160 with --quick)")
     p.add_argument("--flex-batches", nargs="+", default=["uniter"],
                    help="batches FlexAttention runs on (it compiles for every shape, 10-30 s each)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
@@ -242,13 +243,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "that cannot be captured says why in its row)")
     p.add_argument("--host", action="store_true",
                    help="time the host alone: each call issued with no synchronisation, the GPU running behind")
-    p.add_argument("--quick", action="store_true", help="base only, uniter and L=160 batches")
+    p.add_argument("--quick", action="store_true", help="base only (and uniter and L=160 unless --batches)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     add_csv_options(p)
     args = p.parse_args(argv)
     args.csv = results_path(args)
-    if args.quick:
-        args.models, args.batches = ["base"], ["uniter", "L=160"]
+    if args.batches is None:
+        args.batches = ["uniter", "L=160"] if args.quick else ["uniter", "L=32", "L=64", "L=96", "L=128", "L=160"]
+    if args.quick:  # base only; the batches given are kept
+        args.models = ["base"]
     if args.cpu_smoke:
         args.models, args.batches, args.batch_size, args.dtype, args.reps = ["base"], ["uniter", "L=32"], 3, "fp32", 5
     if args.graph and args.cpu_smoke:

@@ -46,6 +46,8 @@ goals() {
         --sizes 256,1024,4096 2>&1 | tee "$out/bench_ot.log"
     timeout 30 python benchmarks/bench_ot.py --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
+    timeout 20 python benchmarks/bench_ot.py --host --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
+        --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
     timeout 40 python benchmarks/tune_kernels.py --parts ot --ot-sweeps backward 2>&1 | tee "$out/tune.log"
     timeout 40 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
