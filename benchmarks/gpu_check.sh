@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # On a CUDA machine: the gpu-marked tests, every benchmark script, and a short bf16 pre-training run through
-# DeepSpeed, in under 6 minutes (each step has its own time limit); logs go to $OUT (or ./gpu_check_logs).
+# DeepSpeed, in about 5 minutes (each step has its own time limit; they add up to about 6); logs go to $OUT (or
+# ./gpu_check_logs).
 # --tune: then the extras too (up to 9.5 minutes more: past one call's 10 minutes after a plain run, so prefer
 #         --tune-only as a second call): the launch sweeps of benchmarks/tune_kernels.py, attention
 #         with training's dropout, the base encoder compiled (ours, ours replayed from CUDA graphs, and BertModel),
 #         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
-# --goals: the issues' goals alone, in about 5 minutes: the gpu tests of the OT kernels and of graph capture, IPOT
+# --goals: the issues' goals alone, in about 5 minutes (limits adding up to 7): the gpu tests of the OT kernels
+#          and attention (graph capture included), IPOT
 #          and WRA (ours and the CUDA-graph loop), the cosine backward's sweep, attention against its peers, the
 #          base encoder (ours eager and replayed, BertModel eager and compiled), and the IPOT kernel under ncu.
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
@@ -38,8 +40,10 @@ extras() {
         --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled 2>&1 | tail -20 | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
 }
+workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+[ -n "$workers" ] || echo "gpu_check: no pytest-xdist here: the gpu tests run one at a time" | tee -a "$out/env.log"
 goals() {
-    timeout 80 python -m pytest -q -m gpu -n 8 tests/test_ot_triton.py tests/test_attention.py 2>&1 \
+    timeout 80 python -m pytest -q -m gpu $workers tests/test_ot_triton.py tests/test_attention.py 2>&1 \
         | tee "$out/gpu_tests.log"
     pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true
     timeout 45 python benchmarks/bench_ot.py --impls ref_graph,triton_ipot --cases fwd_cost --dtypes fp32 \
@@ -52,7 +56,7 @@ goals() {
     timeout 40 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python benchmarks/profile_ipot.py --sizes 256 1024 2>&1 | tee "$out/ncu_ipot.log"
-    timeout 25 python benchmarks/bench_attention.py --quick --batches uniter 2>&1 | tee "$out/bench_attention.log"
+    timeout 45 python benchmarks/bench_attention.py --quick --batches uniter 2>&1 | tee "$out/bench_attention.log"
     timeout 110 python benchmarks/bench_layer.py --models base --impls ours_triton,ours_graphs,hf_eager,hf_compile \
         2>&1 | tee "$out/bench_layer.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
@@ -65,8 +69,6 @@ if [ "${1:-}" = "--goals" ]; then
     goals
     exit 0
 fi
-workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-[ -n "$workers" ] || echo "gpu_check: no pytest-xdist here: the gpu tests run one at a time" | tee -a "$out/env.log"
 timeout 130 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
 # workers a timeout leaves would share the GPU with the benchmarks (run from this file: pasted into a one-line
 # command, the pattern matches that command's own shell, which it then kills)

@@ -45,8 +45,9 @@ OT_COST = [{}, {"COL_LANES": 32, "num_warps": 4}, {"COL_LANES": 16, "num_warps":
            {"COL_LANES": 16}, {"num_warps": 8}, {"SHRINK": False}]
 OT_VECTORS = [{}, {"COL_LANES": 16}, {"num_warps": 2, "COL_LANES": 16}, {"num_warps": 2}, {"BLOCK_D": 64},
               {"num_stages": 2}, {"SHRINK": False}]
-OT_BACKWARD = [{}, {"LOW_OPERANDS": False}, {"num_stages": 2}, {"num_warps": 8}, {"num_warps": 2}, {"BLOCK_D": 16},
-               {"BLOCK_D": 64}, {"BLOCK_D": 64, "num_warps": 8}, {"SPLITS": 1}, {"SPLITS": 2}, {"SPLITS": 8}]
+OT_BACKWARD = [{}, {"LOW_OPERANDS": False, "BLOCK_D": 32}, {"BLOCK_D": 32}, {"num_stages": 2},
+               {"num_stages": 2, "SPLITS": 1}, {"num_warps": 8}, {"num_warps": 2}, {"BLOCK_D": 16}, {"SPLITS": 1},
+               {"SPLITS": 2}, {"SPLITS": 8}]  # the second: bf16's rule before 2026-11-27 (tf32 products, 32 dims)
 OT_FP32 = [{}, {"DOT_PRECISION": "tf32x3"}]  # fp32 vectors: exact products against three tensor-core ones
 # (tf32x3 crashed the fp32 backward's kernel with an illegal memory access: the launcher refuses it)
 OT_FP32_BACKWARD = [{}, {"num_stages": 3}, {"num_warps": 4}, {"BLOCK_D": 32}]

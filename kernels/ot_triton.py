@@ -456,7 +456,8 @@ def _cosine_grad_kernel(
     side by side and share its plan through L2). LOW_OPERANDS: the norms are folded into the plan's weights
     once, sum_j T_ij y^_j = (T diag(inv_y)) y, and those weights rounded to the vectors' 16-bit dtype, so the
     products take the raw vectors on that dtype (half the shared memory and twice the tensor-core rate of
-    tf32; bf16 keeps fp32's range, fp16 would flush small weights)."""
+    tf32). bf16 keeps fp32's range; fp16 (a sweep's choice, never the rule) flushes weights below 6e-5 and
+    overflows past 65504, as a near-zero vector's 1/eps norm can make them."""
     pid = tl.program_id(0)
     b = pid // SPLITS
     d_start = (pid % SPLITS) * dims_per_split
@@ -509,8 +510,8 @@ def _cosine_grad_kernel(
             x = tl.load(x_at, mask=x_read & (d0 + d < D), other=0.0)
             y = tl.load(y_at, mask=y_read & (d0 + d < D), other=0.0)
         if LOW_OPERANDS:
-            gx = (rx * x.to(tl.float32) - tl.dot(w_y, y)) * inv_x
-            gy = (cy * y.to(tl.float32) - tl.dot(w_x, x)) * inv_y
+            gx = (rx * x.to(tl.float32) - tl.dot(w_y, y, input_precision=DOT_PRECISION)) * inv_x  # (fp32 inputs)
+            gy = (cy * y.to(tl.float32) - tl.dot(w_x, x, input_precision=DOT_PRECISION)) * inv_y
         else:
             x = x.to(tl.float32) * inv_x  # x^ (BM, BD)
             y = y.to(tl.float32) * inv_y  # y^ (BN, BD)
@@ -652,7 +653,7 @@ _rule = functools.lru_cache(maxsize=4096)(_config)
 _backward_rule = functools.lru_cache(maxsize=4096)(backward_launch)
 
 
-def _tuned_backward(rule: dict, tune: dict | None) -> dict:
+def _tuned_backward(rule: dict, tune: dict | None, dtype: torch.dtype) -> dict:
     unknown = sorted(set(tune or {}) - set(BACKWARD_KEYS))
     if unknown:
         raise ValueError(f"tune={tune}: the cosine backward takes {', '.join(BACKWARD_KEYS)}, not {unknown}")
@@ -661,6 +662,9 @@ def _tuned_backward(rule: dict, tune: dict | None) -> dict:
         raise ValueError(f"tune={tune}: BLOCK_D must be 16, 32, 64 or 128 and SPLITS a positive int")
     if not isinstance(config["LOW_OPERANDS"], bool):
         raise ValueError(f"tune={tune}: LOW_OPERANDS must be True or False")
+    if config["LOW_OPERANDS"] and dtype == torch.bfloat16 and interpreting():
+        raise ValueError(f"tune={tune}: LOW_OPERANDS with bf16 vectors needs a GPU (the interpreter's bf16 products "
+                         "give NaN)")
     if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32"):
         # tf32x3 compiles, but its fp32 launch hit an illegal memory access on an H100 (Triton 3.6, 2026-11-27)
         raise ValueError(f"tune={tune}: the cosine backward's DOT_PRECISION must be ieee or tf32 (tf32x3 crashed "
@@ -759,7 +763,7 @@ def cosine_backward(text: Rows, regions: Rows, text_lens: torch.Tensor, region_l
                          f" as its forward made it, got {tuple(plan.shape)}")
     _check_stats(stats, batch, max_m, max_n)
     rule, precision = _backward_rule(batch, max_m, max_n, dim, text.data.dtype, text.data.device)
-    config = _tuned_backward(rule, tune) if tune else rule  # the rule's dict is shared: never changed here
+    config = _tuned_backward(rule, tune, text.data.dtype) if tune else rule  # the rule's dict: never changed
     precision = config.get("DOT_PRECISION", precision)
     chunks = cdiv(dim, config["BLOCK_D"])
     per_split = cdiv(chunks, min(config["SPLITS"], chunks))  # BLOCK_D chunks per program

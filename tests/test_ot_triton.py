@@ -307,12 +307,13 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
 
-@pytest.mark.parametrize("dim", [70, 64])
+@pytest.mark.parametrize("dim", [70, 64, 48])
 def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, monkeypatch, dim: int) -> None:
     """The backward reads the forward's norms and plan-weighted cosine sums (grad_stats, written on half tiles
     too) and splits each problem's dims over programs: every split and dim step gives the fp64 gradient, pads
     included (its padded gradients start as NaN here: the kernel must write every element), with the norms
-    folded into the weights (LOW_OPERANDS, here on fp32) or not, and dims that the steps divide (64) or not."""
+    folded into the weights (LOW_OPERANDS, here on fp32) or not, and dims that the steps divide (64, 48) or not;
+    at 48 dims in steps of 16 over 2 splits, the second split's nominal range (32..64) runs past D."""
     from uniter_fast.kernels import ot_triton as kernels
 
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.full_like(t, float("nan"), **kw))
@@ -330,7 +331,8 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
     expected = torch.autograd.grad((expected_dist * weights).sum(), (text64, regions64))
     for tune in ({}, {"SPLITS": 1}, {"SPLITS": 2, "BLOCK_D": 16}, {"SPLITS": 3, "BLOCK_D": 16},
                  {"SPLITS": 9, "BLOCK_D": 16}, {"BLOCK_D": 64, "num_warps": 8}, {"LOW_OPERANDS": True},
-                 {"LOW_OPERANDS": True, "SPLITS": 3, "BLOCK_D": 16}):
+                 {"LOW_OPERANDS": True, "SPLITS": 3, "BLOCK_D": 16}, {"SPLITS": 2, "BLOCK_D": 16},
+                 {"LOW_OPERANDS": True, "SPLITS": 2, "BLOCK_D": 16}):
         grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune=tune)
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
@@ -341,6 +343,9 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
     with pytest.raises(ValueError, match="tf32x3 crashed"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
                                 tune={"DOT_PRECISION": "tf32x3"})
+    with pytest.raises(ValueError, match="LOW_OPERANDS with bf16 vectors needs a GPU"):
+        b16 = kernels.Rows(text.bfloat16()), kernels.Rows(regions.bfloat16())
+        kernels.cosine_backward(*b16, text_lens, region_lens, plan, stats, weights.float(), tune={"LOW_OPERANDS": True})
     with pytest.raises(ValueError, match="LOW_OPERANDS must be True or False"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"LOW_OPERANDS": 1})
     with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
@@ -442,6 +447,7 @@ def test_backward_products_on_16_bit_operands(gen: torch.Generator) -> None:
     from uniter_fast.kernels import ot_triton as kernels
 
     text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=48, dtype=torch.float16)
+    text[4, 7] = 0  # a zero vector: F.normalize's eps branch
     solve = kernels.Solve("ipot", scale=2.0, iterations=8)
     rows = kernels.Rows(text), kernels.Rows(regions)
     stats = kernels.grad_stats(len(SIZES_LONG), text.shape[1], regions.shape[1], text.device)
