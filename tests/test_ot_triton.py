@@ -307,6 +307,21 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
 
+def envelope_case(text, regions, text_lens, region_lens, gen: torch.Generator) -> tuple:
+    """For the cosine backward: the vectors' Rows, the forward's plan and grad_stats (IPOT, 8 iterations), random
+    fp32 weights per problem, and the fp64 gradients of sum_b weight_b dist_b with that plan held constant."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    rows = kernels.Rows(text), kernels.Rows(regions)
+    stats = kernels.grad_stats(len(text_lens), text.shape[1], regions.shape[1], text.device)
+    solve = kernels.Solve("ipot", scale=2.0, iterations=8)
+    _, plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats)
+    weights = torch.randn(len(text_lens), generator=gen, dtype=torch.float64)
+    text64, regions64 = text.double().requires_grad_(), regions.double().requires_grad_()
+    dist = reference.transport_distance_ref(reference.cosine_cost_ref(text64, regions64), plan.double())
+    return rows, plan, stats, weights.float(), torch.autograd.grad((dist * weights).sum(), (text64, regions64))
+
+
 @pytest.mark.parametrize("dim", [70, 64, 48])
 def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, monkeypatch, dim: int) -> None:
     """The backward reads the forward's norms and plan-weighted cosine sums (grad_stats, written on half tiles
@@ -320,40 +335,33 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
 
     text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=dim, dtype=torch.float32)
     regions[0, 3] = 0  # a zero vector: F.normalize's eps branch, on the region side this time
-    solve = kernels.Solve("ipot", scale=2.0, iterations=8)
-    rows = kernels.Rows(text), kernels.Rows(regions)
-    stats = kernels.grad_stats(len(SIZES_LONG), text.shape[1], regions.shape[1], text.device)
-    dist, plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats)
-    weights = torch.randn(len(SIZES_LONG), generator=gen, dtype=torch.float64)
-    text64, regions64 = text.double().requires_grad_(), regions.double().requires_grad_()
-    cost = reference.cosine_cost_ref(text64, regions64)
-    expected_dist = reference.transport_distance_ref(cost, plan.double())  # the kernel's plan, held constant
-    expected = torch.autograd.grad((expected_dist * weights).sum(), (text64, regions64))
+    rows, plan, stats, weights, expected = envelope_case(text, regions, text_lens, region_lens, gen)
     for tune in ({}, {"SPLITS": 1}, {"SPLITS": 2, "BLOCK_D": 16}, {"SPLITS": 3, "BLOCK_D": 16},
                  {"SPLITS": 9, "BLOCK_D": 16}, {"BLOCK_D": 64, "num_warps": 8}, {"LOW_OPERANDS": True},
                  {"LOW_OPERANDS": True, "SPLITS": 3, "BLOCK_D": 16}, {"SPLITS": 2, "BLOCK_D": 16},
                  {"LOW_OPERANDS": True, "SPLITS": 2, "BLOCK_D": 16}):
-        grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune=tune)
+        grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune=tune)
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
     with pytest.raises(ValueError, match="SPLITS a positive int"):
-        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"SPLITS": 0})
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune={"SPLITS": 0})
     with pytest.raises(ValueError, match=r"the plan must be \(batch, text rows, region rows\)"):
-        kernels.cosine_backward(*rows, text_lens, region_lens, plan[:, :-1], stats, weights.float())
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan[:, :-1], stats, weights)
     with pytest.raises(ValueError, match="tf32x3 crashed"):
-        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights,
                                 tune={"DOT_PRECISION": "tf32x3"})
     with pytest.raises(ValueError, match="LOW_OPERANDS with bf16 vectors needs a GPU"):
         b16 = kernels.Rows(text.bfloat16()), kernels.Rows(regions.bfloat16())
-        kernels.cosine_backward(*b16, text_lens, region_lens, plan, stats, weights.float(), tune={"LOW_OPERANDS": True})
+        kernels.cosine_backward(*b16, text_lens, region_lens, plan, stats, weights, tune={"LOW_OPERANDS": True})
     with pytest.raises(ValueError, match="LOW_OPERANDS must be True or False"):
-        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"LOW_OPERANDS": 1})
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune={"LOW_OPERANDS": 1})
     with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
-        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(), tune={"PROBS": 2})
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune={"PROBS": 2})
     with pytest.raises(ValueError, match=r"grad_stats buffer: expected a contiguous fp32 tensor of shape \(6, 2, "):
-        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats[:, :, 1:], weights.float())
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats[:, :, 1:], weights)
     with pytest.raises(ValueError, match="grad_stats buffer"):
-        kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats.double())
+        kernels.transport_vectors(*rows, text_lens, region_lens, kernels.Solve("ipot", scale=2.0, iterations=8),
+                                  want_plan=True, stats=stats.double())
 
 
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
@@ -448,16 +456,9 @@ def test_backward_products_on_16_bit_operands(gen: torch.Generator) -> None:
 
     text, regions, text_lens, region_lens = vectors(SIZES_LONG, gen=gen, dim=48, dtype=torch.float16)
     text[4, 7] = 0  # a zero vector: F.normalize's eps branch
-    solve = kernels.Solve("ipot", scale=2.0, iterations=8)
-    rows = kernels.Rows(text), kernels.Rows(regions)
-    stats = kernels.grad_stats(len(SIZES_LONG), text.shape[1], regions.shape[1], text.device)
-    _, plan, _ = kernels.transport_vectors(*rows, text_lens, region_lens, solve, want_plan=True, stats=stats)
-    weights = torch.randn(len(SIZES_LONG), generator=gen, dtype=torch.float64)
-    text64, regions64 = text.double().requires_grad_(), regions.double().requires_grad_()
-    dist = reference.transport_distance_ref(reference.cosine_cost_ref(text64, regions64), plan.double())
-    expected = torch.autograd.grad((dist * weights).sum(), (text64, regions64))
-    exact = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float())
-    low = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights.float(),
+    rows, plan, stats, weights, expected = envelope_case(text, regions, text_lens, region_lens, gen)
+    exact = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights)
+    low = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights,
                                   tune={"LOW_OPERANDS": True})
     for got, ref, want in zip(low, exact, expected):
         assert got.dtype == torch.float16 and bool(torch.isfinite(got).all())
