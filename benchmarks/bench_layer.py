@@ -39,8 +39,8 @@ import contextlib
 import time
 
 import torch
-from harness import (Skip, add_csv_options, against_ours, failure, host_times, median, open_run, quantile, ratio,
-                     results_path)
+from harness import (Skip, add_csv_options, against_ours, failure, host_times, median, open_run, profile_calls,
+                     quantile, ratio, results_path)
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -178,42 +178,6 @@ KERNEL_KINDS = {
 }
 
 
-def profile_step(name: str, run, device, steps: int = 3) -> None:
-    """Where one step of `run` goes: its wall time against the sum of its kernels' time (a step far longer than
-    its kernels waits on the host), the kernels' time by kind, then the ops and kernels that take the most."""
-    from torch.autograd import DeviceType
-
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    run()  # warm
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            run()
-        sync()
-        wall_us = (time.perf_counter() - start) / steps * 1e6
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels only: ops would count them again
-    kernels_us = sum(e.self_device_time_total for e in kernels) / steps
-    print(f"\n== profile of {name} ({steps} steps): wall {wall_us / 1e3:.2f} ms per step under the profiler, "
-          f"kernels {kernels_us / 1e3:.2f} ms ({kernels_us / wall_us:.0%} of the wall)")
-    if kernels:
-        kinds: dict[str, list[float]] = {}
-        for e in kernels:
-            kind = next((k for k, frags in KERNEL_KINDS.items() if any(f in e.key.lower() for f in frags)), "other")
-            kinds.setdefault(kind, [0.0, 0])
-            kinds[kind][0] += e.self_device_time_total / steps
-            kinds[kind][1] += e.count // steps
-        for kind, (us, launches) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
-            print(f"  {kind:<24}{us / 1e3:>8.2f} ms  {us / kernels_us:>5.0%}  {launches:>5} launches per step")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
-    if device.type == "cuda":
-        print(events.table(sort_by="self_device_time_total", row_limit=15))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,7 +235,7 @@ def main(argv=None) -> int:
         if args.profile:
             for impl in ("ours_triton", "ours_compile"):
                 with contextlib.suppress(Skip):
-                    profile_step(impl, case.build(impl), device)
+                    profile_calls(impl, case.build(impl), device, KERNEL_KINDS)
         tokens = sum(case.lens)
         mode = " (host time)" if args.host else ""
         print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size}){mode}  B={len(case.lens)}  "

@@ -56,7 +56,7 @@ from typing import Callable
 
 import torch
 from harness import (MIN_REPS, TARGET_S, CsvWriter, Skip, Timer, add_csv_options, cuda_graph, device_name, failure,
-                     fraction, host_times, median, quantile, ratio, results_path, triton_version)
+                     fraction, host_times, median, profile_calls, quantile, ratio, results_path, triton_version)
 
 from uniter_fast.kernels import ot as uot
 from uniter_fast.kernels import reference
@@ -64,6 +64,9 @@ from uniter_fast.kernels import reference
 CASES = ("fwd_cost", "wra_fwd", "wra_fwd_bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OURS = ("ipot", "ipot_log", "sinkhorn_log")
+# kernel-name fragments per kind, for --profile's summary (first match wins; the rest is "other")
+KERNEL_KINDS = {"our transport (Triton)": ("_transport_kernel",), "our cosine backward (Triton)": ("_cosine_grad",),
+                "fills, copies": ("fill", "copy"), "other elementwise": ("elementwise",), "reductions": ("reduce",)}
 IMPLS = ("ref_eager", "ref_graph", "ref_compile", "pot_log_sinkhorn", "pot_proximal",
          *(f"triton_{method}" for method in OURS))
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12}  # data-sheet B/s, matched in this order
@@ -129,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the host alone: each call issued with no synchronisation, the GPU running behind "
                         "(the floor and x fwd columns then compare host times)")
     p.add_argument("--quick", action="store_true", help="the smallest size only, few reps: a smoke test")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile triton_ipot's call in each block (torch.profiler): its wall time against its "
+                        "kernels', by kernel, and the ops that take the host's time")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="no GPU: tiny sizes on the CPU, our kernels under TRITON_INTERPRET=1, no CUDA graph or "
                         "compile peers, times meaningless; checks the code paths")
@@ -409,6 +415,9 @@ class Block:
                     result.note = f"skipped: {why}"
                 except Exception as err:  # a peer that fails is reported, the others still run
                     result.note = failure(err)
+                if self.ctx.args.profile and impl == "triton_ipot" and result.times_us:
+                    profile_calls(f"{impl} {self.case} B={self.B} {self.dtype_name}", timed, self.ctx.device,
+                                  KERNEL_KINDS)
                 if impl == "ref_compile" and self.ctx.compile_note:
                     result.note = (result.note + " " + self.ctx.compile_note).strip()
                     self.ctx.compile_note = ""

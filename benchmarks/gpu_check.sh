@@ -48,8 +48,8 @@ goals() {
     pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true
     timeout 45 python benchmarks/bench_ot.py --impls ref_graph,triton_ipot --cases fwd_cost --dtypes fp32 \
         --sizes 256,1024,4096 2>&1 | tee "$out/bench_ot.log"
-    timeout 30 python benchmarks/bench_ot.py --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
-        --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
+    timeout 40 python benchmarks/bench_ot.py --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
+        --sizes 256,1024 --profile 2>&1 | tee -a "$out/bench_ot.log"
     timeout 20 python benchmarks/bench_ot.py --host --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
     timeout 40 python benchmarks/tune_kernels.py --parts ot --ot-sweeps backward 2>&1 | tee "$out/tune.log"

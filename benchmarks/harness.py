@@ -170,6 +170,44 @@ def cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
+def profile_calls(name: str, run: Callable[[], object], device: torch.device, kinds: dict | None = None,
+                  steps: int = 3) -> None:
+    """Where one call (or step) of `run` goes, under torch.profiler: its wall time against the sum of its kernels'
+    time (a call far longer than its kernels waits on the host), the kernels' time by kind (kinds: name ->
+    kernel-name fragments, first match wins), then the ops and kernels that take the most."""
+    from torch.autograd import DeviceType
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    run()  # warm
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        sync()
+        wall_us = (time.perf_counter() - start) / steps * 1e6
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels only: ops would count them again
+    kernels_us = sum(e.self_device_time_total for e in kernels) / steps
+    print(f"\n== profile of {name} ({steps} calls): wall {wall_us:.1f} us per call under the profiler, "
+          f"kernels {kernels_us:.1f} us ({kernels_us / wall_us:.0%} of the wall)")
+    if kernels:
+        kinds: dict[str, list[float]] = {}
+        for e in kernels:
+            kind = next((k for k, frags in (kinds or {}).items() if any(f in e.key.lower() for f in frags)), "other")
+            kinds.setdefault(kind, [0.0, 0])
+            kinds[kind][0] += e.self_device_time_total / steps
+            kinds[kind][1] += e.count // steps
+        for kind, (us, launches) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+            print(f"  {kind:<24}{us:>10.1f} us  {us / kernels_us:>5.0%}  {launches:>5} launches per call")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12))
+    if device.type == "cuda":
+        print(events.table(sort_by="self_device_time_total", row_limit=15))
+
+
 class CsvWriter:
     """Appends rows to results.csv, keeping the columns of a file that already has a header."""
 
