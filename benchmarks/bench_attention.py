@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 from harness import (Skip, Timer, add_csv_options, against_ours, cuda_graph, failure, host_times, open_run,
-                     quantile, results_path)
+                     profile_calls, quantile, results_path)
 
 from uniter_fast.kernels import attention, attention_triton, attention_xformers, reference
 
@@ -97,6 +97,10 @@ def make_batch(name: str, B: int, heads: int, d: int, dtype, device, seed: int) 
     batch.expected = reference.varlen_attention_ref(q, k, v, cu, N)
     return batch
 
+
+# kernel-name fragments per kind, for --profile's summary (first match wins; the rest is "other")
+KERNEL_KINDS = {"our attention (Triton)": ("_fwd_kernel", "_bwd_kernel", "_delta_kernel"),
+                "fills, copies": ("fill", "copy"), "other elementwise": ("elementwise",)}
 
 # ----------------------------------------------------------------------------------------------------------
 # implementations: each returns (run, output_as_packed); run(backward) does one call
@@ -244,6 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", action="store_true",
                    help="time the host alone: each call issued with no synchronisation, the GPU running behind")
     p.add_argument("--quick", action="store_true", help="base only (and uniter and L=160 unless --batches)")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile ours_triton's call in each block (torch.profiler): its wall time against its "
+                        "kernels', and the ops that take the host's time")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1")
     add_csv_options(p)
     args = p.parse_args(argv)
@@ -280,6 +287,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
                 out = output()
                 err = "random" if p else f"{(out.float() - batch.expected).abs().max().item():.1e}"
                 del out  # its autograd graph would keep the inputs' AccumulateGrad nodes, which breaks --graph
+                if args.profile and impl == "ours_triton":
+                    profile_calls(f"{impl} {pass_} {model} {name}", run, device, KERNEL_KINDS)
                 if args.host:
                     times = host_times(run, timer.reps, timer.warmup, timer.sync)
                 else:

@@ -56,7 +56,8 @@ goals() {
     timeout 40 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python benchmarks/profile_ipot.py --sizes 256 1024 2>&1 | tee "$out/ncu_ipot.log"
-    timeout 45 python benchmarks/bench_attention.py --quick --batches uniter 2>&1 | tee "$out/bench_attention.log"
+    timeout 45 python benchmarks/bench_attention.py --quick --batches uniter --profile 2>&1 \
+        | tee "$out/bench_attention.log"
     timeout 110 python benchmarks/bench_layer.py --models base --impls ours_triton,ours_graphs,hf_eager,hf_compile \
         2>&1 | tee "$out/bench_layer.log"
     # the eager encoder's step was 22.4-28.8 ms across three runs (BertModel's within 1.5%): its host time per step
