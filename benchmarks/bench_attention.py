@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 from harness import (Skip, Timer, add_csv_options, against_ours, cuda_graph, failure, host_times, open_run,
-                     profile_calls, quantile, results_path)
+                     in_grad_mode, quantile, results_path, run_profiles)
 
 from uniter_fast.kernels import attention, attention_triton, attention_xformers, reference
 
@@ -268,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pass_: str, device) -> None:
+def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pass_: str, device,
+              profiles: list) -> None:
     backward = pass_ == "fwd_bwd"
     batch = make_batch(name, args.batch_size, HEADS[model], args.head_dim, DTYPES[args.dtype], device, args.seed)
     p = args.dropout
@@ -287,8 +288,8 @@ def run_block(args, timer: Timer, writer, flex: Flex, model: str, name: str, pas
                 out = output()
                 err = "random" if p else f"{(out.float() - batch.expected).abs().max().item():.1e}"
                 del out  # its autograd graph would keep the inputs' AccumulateGrad nodes, which breaks --graph
-                if args.profile and impl == "ours_triton":
-                    profile_calls(f"{impl} {pass_} {model} {name}", run, device, KERNEL_KINDS)
+                if args.profile and impl == "ours_triton":  # profiled after every timing (run_profiles)
+                    profiles.append((f"{impl} {pass_} {model} {name}", in_grad_mode(backward, run)))
                 if args.host:
                     times = host_times(run, timer.reps, timer.warmup, timer.sync)
                 else:
@@ -331,11 +332,12 @@ def main(argv=None) -> int:
     if args.cpu_smoke:
         print("cpu smoke: tiny sizes, interpreter, times mean nothing")
     start = time.perf_counter()
-    flex = Flex()
+    flex, profiles = Flex(), []
     for model in args.models:
         for name in args.batches:
             for pass_ in args.passes:
-                run_block(args, timer, writer, flex, model, name, pass_, device)
+                run_block(args, timer, writer, flex, model, name, pass_, device, profiles)
+    run_profiles(profiles, device, KERNEL_KINDS)
     print(f"\nbench_attention: done in {time.perf_counter() - start:.0f} s"
           + (f"; {writer.count} rows appended to {writer.path}" if writer else ""))
     return 0

@@ -39,8 +39,8 @@ import contextlib
 import time
 
 import torch
-from harness import (Skip, add_csv_options, against_ours, failure, host_times, median, open_run, profile_calls,
-                     quantile, ratio, results_path)
+from harness import (Skip, add_csv_options, against_ours, failure, host_times, median, open_run, quantile, ratio,
+                     results_path, run_profiles)
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.kernels import reference
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     device, timer, writer = open_run("bench_layer", args)
     print(f"models {args.models}, B={args.batch_size}, {'fp32 (cpu smoke)' if args.cpu_smoke else 'bf16 autocast'}, "
           "dropout on, forward+backward")
-    start = time.perf_counter()
+    start, profiles = time.perf_counter(), []
     for model in args.models:
         case = Case(args, model, device)
         rows = []
@@ -232,10 +232,10 @@ def main(argv=None) -> int:
             rows.append((impl, times, note))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if args.profile:
+        if args.profile:  # profiled after every timing (run_profiles)
             for impl in ("ours_triton", "ours_compile"):
                 with contextlib.suppress(Skip):
-                    profile_calls(impl, case.build(impl), device, KERNEL_KINDS)
+                    profiles.append((f"{impl} {model}", case.build(impl)))
         tokens = sum(case.lens)
         mode = " (host time)" if args.host else ""
         print(f"\n== {model} ({case.config.num_hidden_layers} x {case.config.hidden_size}){mode}  B={len(case.lens)}  "
@@ -261,6 +261,7 @@ def main(argv=None) -> int:
                 print(f"{ours}'s speed-up: " + ", ".join(f"{ratio(medians[peer] / medians[ours])} {peer}"
                                                          for peer in IMPLS if peer in medians and peer != ours))
         sys.stdout.flush()
+    run_profiles(profiles, device, KERNEL_KINDS)
     print(f"\nbench_layer: done in {time.perf_counter() - start:.0f} s"
           + (f"; {writer.count} rows appended to {writer.path}" if writer else ""))
     return 0

@@ -56,7 +56,8 @@ from typing import Callable
 
 import torch
 from harness import (MIN_REPS, TARGET_S, CsvWriter, Skip, Timer, add_csv_options, cuda_graph, device_name, failure,
-                     fraction, host_times, median, profile_calls, quantile, ratio, results_path, triton_version)
+                     fraction, host_times, in_grad_mode, median, quantile, ratio, results_path, run_profiles,
+                     triton_version)
 
 from uniter_fast.kernels import ot as uot
 from uniter_fast.kernels import reference
@@ -415,9 +416,9 @@ class Block:
                     result.note = f"skipped: {why}"
                 except Exception as err:  # a peer that fails is reported, the others still run
                     result.note = failure(err)
-                if self.ctx.args.profile and impl == "triton_ipot" and result.times_us:
-                    profile_calls(f"{impl} {self.case} B={self.B} {self.dtype_name}", timed, self.ctx.device,
-                                  KERNEL_KINDS)
+                if self.ctx.args.profile and impl == "triton_ipot" and result.times_us:  # after every timing
+                    self.ctx.profiles.append((f"{impl} {self.case} B={self.B} {self.dtype_name}",
+                                              in_grad_mode(self.case == "wra_fwd_bwd", timed)))
                 if impl == "ref_compile" and self.ctx.compile_note:
                     result.note = (result.note + " " + self.ctx.compile_note).strip()
                     self.ctx.compile_note = ""
@@ -515,6 +516,7 @@ class Context:
         self.forward_medians: dict = {}
         self.compiled_fn = None
         self.compile_note = ""
+        self.profiles: list = []  # (name, call) for --profile, run after every timing
         self.device_name = device_name(device)
         self.writer = CsvWriter(args.csv, "bench_ot", device) if args.csv is not None else None
 
@@ -579,6 +581,7 @@ def main(argv=None) -> int:
                 Block(ctx, case, B, dtype_name).run()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    run_profiles(ctx.profiles, device, KERNEL_KINDS)
     print(f"\nbench_ot: done in {time.perf_counter() - start:.0f} s"
           + (f"; {ctx.writer.count} rows appended to {ctx.writer.path}" if ctx.writer else "; no rows written"))
     return 0

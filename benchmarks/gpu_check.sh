@@ -8,9 +8,10 @@
 #         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 # --goals: the issues' goals alone, in about 5.5 minutes (limits adding up to 7.5): the gpu tests of the OT kernels
-#          and attention (graph capture included), IPOT
-#          and WRA (ours and the CUDA-graph loop), the cosine backward's sweep, attention against its peers, the
-#          base encoder (ours eager and replayed, BertModel eager and compiled), and the IPOT kernel under ncu.
+#          and attention (graph capture included); IPOT (ours and the CUDA-graph loop); WRA (ours: its call's
+#          time, profile and host time); the cosine backward's sweep; the IPOT kernel under ncu; attention against
+#          its peers (and our call's profile); the base encoder (ours eager and replayed, BertModel eager and
+#          compiled) and the eager steps' host time.
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
 # .whl/; the device image has pytest-xdist for the gpu tests' 8 workers), and `python benchmarks/compile_check.py`
 # with the device's Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then
@@ -40,12 +41,15 @@ extras() {
         --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled 2>&1 | tail -20 | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
 }
-workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-[ -n "$workers" ] || echo "gpu_check: no pytest-xdist here: the gpu tests run one at a time" | tee -a "$out/env.log"
+workers() {
+    python -c "import xdist" 2>/dev/null && echo "-n 8" && return
+    echo "gpu_check: no pytest-xdist here: the gpu tests run one at a time" >>"$out/env.log"
+}
 goals() {
-    timeout 80 python -m pytest -q -m gpu $workers tests/test_ot_triton.py tests/test_attention.py 2>&1 \
+    timeout 80 python -m pytest -q -m gpu $(workers) tests/test_ot_triton.py tests/test_attention.py 2>&1 \
         | tee "$out/gpu_tests.log"
     pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true
+    pkill -9 -f graph_capture_check.py 2>/dev/null || true  # a capture a timeout left running
     timeout 45 python benchmarks/bench_ot.py --impls ref_graph,triton_ipot --cases fwd_cost --dtypes fp32 \
         --sizes 256,1024,4096 2>&1 | tee "$out/bench_ot.log"
     timeout 40 python benchmarks/bench_ot.py --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
@@ -73,10 +77,11 @@ if [ "${1:-}" = "--goals" ]; then
     goals
     exit 0
 fi
-timeout 130 python -m pytest -q -m gpu $workers --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
+timeout 130 python -m pytest -q -m gpu $(workers) --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
 # workers a timeout leaves would share the GPU with the benchmarks (run from this file: pasted into a one-line
 # command, the pattern matches that command's own shell, which it then kills)
 pkill -9 -f "pytest -q -m gpu" 2>/dev/null || true
+pkill -9 -f graph_capture_check.py 2>/dev/null || true  # a capture a timeout left running
 # seconds and arguments per benchmark: the sum stays inside the 6 minutes
 # (bench_loader is a CPU benchmark, with goals for a 2-core machine: it runs there, not here)
 # (bench_ot's torch.compile peer takes about 50 s to compile on an H200: run bench_ot alone for it; B=4096 takes

@@ -194,18 +194,41 @@ def profile_calls(name: str, run: Callable[[], object], device: torch.device, ki
     kernels_us = sum(e.self_device_time_total for e in kernels) / steps
     print(f"\n== profile of {name} ({steps} calls): wall {wall_us:.1f} us per call under the profiler, "
           f"kernels {kernels_us:.1f} us ({kernels_us / wall_us:.0%} of the wall)")
-    if kernels:
-        kinds: dict[str, list[float]] = {}
-        for e in kernels:
-            kind = next((k for k, frags in (kinds or {}).items() if any(f in e.key.lower() for f in frags)), "other")
-            kinds.setdefault(kind, [0.0, 0])
-            kinds[kind][0] += e.self_device_time_total / steps
-            kinds[kind][1] += e.count // steps
-        for kind, (us, launches) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
-            print(f"  {kind:<24}{us:>10.1f} us  {us / kernels_us:>5.0%}  {launches:>5} launches per call")
+    for kind, (us, launches) in kernel_kinds(kernels, kinds or {}, steps).items():
+        print(f"  {kind:<28}{us:>10.1f} us  {us / kernels_us:>5.0%}  {launches:>5} launches per call")
     print(events.table(sort_by="self_cpu_time_total", row_limit=12))
     if device.type == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=15))
+
+
+def kernel_kinds(kernels, kinds: dict[str, tuple[str, ...]], steps: int) -> dict[str, tuple[float, int]]:
+    """Kernel events (key, self_device_time_total, count) grouped by kind: the first kind with a fragment in the
+    kernel's name (lower case), else "other"; each kind's (us, launches) per call, the costliest first."""
+    totals: dict[str, list] = {}
+    for e in kernels:
+        kind = next((k for k, frags in kinds.items() if any(f in e.key.lower() for f in frags)), "other")
+        total = totals.setdefault(kind, [0.0, 0])
+        total[0] += e.self_device_time_total / steps
+        total[1] += e.count // steps
+    return {kind: (us, launches) for kind, (us, launches) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
+
+
+def in_grad_mode(enabled: bool, run: Callable[[], object]) -> Callable[[], object]:
+    """run, called with autograd on or off (as it was timed), wherever it is called later."""
+    def call():
+        with torch.set_grad_enabled(enabled):
+            return run()
+    return call
+
+
+def run_profiles(profiles: list, device: torch.device, kinds: dict | None = None) -> None:
+    """profile_calls for each (name, run) of `profiles`, after a script's timings (a profiler run may leave the
+    CUDA tracing machinery loaded, which slows later calls); one that fails says why and the others still run."""
+    for name, run in profiles:
+        try:
+            profile_calls(name, run, device, kinds)
+        except Exception as err:  # a profile that fails is reported, the others still run
+            print(f"\n== profile of {name}: {failure(err)}")
 
 
 class CsvWriter:

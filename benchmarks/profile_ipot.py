@@ -5,7 +5,7 @@ Runs IPOT from an fp32 cost (UNITER's 60 x 100, random lengths, 50 iterations, t
 --sizes B. Under Nsight Compute, which times each launch alone with the caches flushed, so the launch that
 compiled serves (benchmarks/gpu_check.sh --goals runs it so):
 
-    ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy --section LaunchStats \
+    ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy --section LaunchStats \\
         --section WarpStateStats --section SchedulerStats python benchmarks/profile_ipot.py --sizes 256 1024
 """
 from __future__ import annotations
