@@ -89,8 +89,9 @@ pkill -9 -f graph_capture_check.py 2>/dev/null || true  # a capture a timeout le
 declare -A limit=([bench_ot]=70 [bench_attention]=40 [bench_layer]=40)
 # (bench_ot without its eager loop and POT's proximal, 10-19 ms a call: with them, run 1 of 2026-11-27 ran out of
 # its 70 s at B=1024 before the WRA cases)
-declare -A args=([bench_ot]="--no-compile --sizes 256,1024 --impls ref_graph,pot_log_sinkhorn,triton_ipot,triton_ipot_log,triton_sinkhorn_log"
-                 [bench_attention]="--quick" [bench_layer]="--quick")
+ot_impls=ref_graph,pot_log_sinkhorn,triton_ipot,triton_ipot_log,triton_sinkhorn_log
+declare -A args=([bench_ot]="--no-compile --sizes 256,1024 --impls $ot_impls" [bench_attention]="--quick"
+                 [bench_layer]="--quick")
 for bench in benchmarks/bench_*.py; do
     [ -e "$bench" ] || continue
     name=$(basename "$bench" .py)
