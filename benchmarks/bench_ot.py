@@ -24,7 +24,8 @@ Implementations:
                on vectors, backend="triton".
 Timing: median (and p20/p80) of CUDA-event times around single calls after a warm-up, the L2 cache flushed
 before each call (the host runs ahead, so host overhead shorter than the flush is hidden: it is GPU time; the
-eager loops stay launch-bound). Reps adapt to about 0.15 s per measurement, between 5 and --reps.
+eager loops stay launch-bound; --graph replays ours from a CUDA graph, the backward included: GPU time alone;
+--host times the host alone). Reps adapt to about 0.15 s per measurement, between 5 and --reps.
 Bytes floor at --bandwidth: fwd_cost reads the cost once and writes an fp32 plan once (the issue's floor);
 wra_fwd reads the vectors once; wra_fwd_bwd reads the vectors once and writes their gradients once.
 "floor" in the table is floor / median. "err" is the largest |dist - dist_ref| over the batch against the same
@@ -38,6 +39,7 @@ block go to its speedup_vs column as peer=ratio pairs.
     python benchmarks/bench_ot.py                      # the default run (aimed at about 90 s on an H100)
     python benchmarks/bench_ot.py --quick --no-compile # smoke test on a GPU
     python benchmarks/bench_ot.py --host --no-compile --sizes 256 --cases wra_fwd,wra_fwd_bwd   # host time alone
+    python benchmarks/bench_ot.py --graph --impls triton_ipot --sizes 256,1024 --cases wra_fwd,wra_fwd_bwd --dtypes bf16
     python benchmarks/bench_ot.py --impls ref_graph,triton_ipot --sizes 256,1024,4096   # ours and one peer
     TRITON_INTERPRET=1 python benchmarks/bench_ot.py --cpu-smoke   # code paths on the CPU, tiny sizes
 """
@@ -132,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", action="store_true",
                    help="time the host alone: each call issued with no synchronisation, the GPU running behind "
                         "(the floor and x fwd columns then compare host times)")
+    p.add_argument("--graph", action="store_true",
+                   help="time ours replayed from a CUDA graph, autograd's backward included: GPU time without the "
+                        "host's (ref_graph is the peer; the eager, compiled and POT peers are skipped)")
     p.add_argument("--quick", action="store_true", help="the smallest size only, few reps: a smoke test")
     p.add_argument("--profile", action="store_true",
                    help="then profile triton_ipot's call in each block (torch.profiler): its wall time against its "
@@ -150,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reps < MIN_REPS:
         p.error(f"--reps must be >= {MIN_REPS}")
+    if args.graph and args.host:
+        p.error("--graph and --host time different things: choose one")
+    if args.graph and args.cpu_smoke:
+        p.error("--graph needs a GPU (CUDA graphs)")
     if args.sizes is None:
         args.sizes = list(SMOKE_SIZES if args.cpu_smoke else DEFAULT_SIZES)
     if args.quick:
@@ -385,6 +394,14 @@ class Block:
             raise Skip("CUDA graphs need a GPU")
         return cuda_graph(fn)
 
+    def _replayed(self, impl: str, timed: Callable) -> Callable:
+        """--graph: ours captured in a CUDA graph (GPU time alone); ref_graph is one already; the other peers skip."""
+        if impl == "ref_graph":
+            return timed
+        if not impl.startswith("triton_"):
+            raise Skip("--graph times ours and ref_graph (POT syncs with the host; ref_graph is ref_eager replayed)")
+        return cuda_graph(timed)
+
     def _pot(self, method: str):
         if self.ctx.pot is None:
             raise Skip(self.ctx.pot_reason)
@@ -407,6 +424,8 @@ class Block:
                 self.results.append(result)
                 try:
                     timed, checked = build()
+                    if self.ctx.args.graph:
+                        timed = self._replayed(impl, timed)
                     dist, grads = checked()
                     result.err = self.oracle.error(algo, dist, grads)
                     timer = self.ctx.timer
@@ -450,7 +469,7 @@ class Block:
     def print(self) -> None:
         s, args = self.ctx.shape, self.ctx.args
         nbytes, what = self.floor_bytes()
-        print(f"\n== {self.case}{' (host time)' if args.host else ''}  B={self.B}  {self.dtype_name}  M={s.M} N={s.N}"
+        print(f"\n== {self.case}{self.ctx.mode_tag}  B={self.B}  {self.dtype_name}  M={s.M} N={s.N}"
               f"{'' if self.case == 'fwd_cost' else f' D={s.D}'}  it={args.iterations}  "
               f"floor {self.floor_us():.1f} us ({what}: {nbytes / 1e6:.1f} MB at {args.bandwidth / 1e12:.2f} TB/s)")
         fwd = self.ctx.forward_medians
@@ -493,7 +512,7 @@ class Block:
             if self.case == "wra_fwd_bwd" and forward:
                 notes.append(f"x_fwd={r.median / forward:.2f}")
             speedup = ";".join(f"{name}={ratio:.2f}" for name, ratio in self.speedups(r)) if r.ours else ""
-            self.ctx.writer.write(dict(case=self.case + (" host" if args.host else ""), impl=r.impl, B=self.B,
+            self.ctx.writer.write(dict(case=self.case + self.ctx.csv_tag, impl=r.impl, B=self.B,
                                        dtype=self.dtype_name,
                                        median_us=f"{r.median:.2f}", speedup_vs=speedup, notes=" ".join(notes)))
 
@@ -518,6 +537,8 @@ class Context:
         self.compile_note = ""
         self.profiles: list = []  # (name, call) for --profile, run after every timing
         self.device_name = device_name(device)
+        self.mode_tag = " (host time)" if args.host else " (CUDA graph replay)" if args.graph else ""
+        self.csv_tag = " host" if args.host else " graph" if args.graph else ""
         self.writer = CsvWriter(args.csv, "bench_ot", device) if args.csv is not None else None
 
     def compiled(self, block: Block):

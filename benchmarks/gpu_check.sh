@@ -7,11 +7,11 @@
 #         with training's dropout, the base encoder compiled (ours, ours replayed from CUDA graphs, and BertModel),
 #         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
-# --goals: the issues' goals alone, in about 5.5 minutes (limits adding up to 7.5): the gpu tests of the OT kernels
+# --goals: the issues' goals alone, in about 6 minutes (limits adding up to 8): the gpu tests of the OT kernels
 #          and attention (graph capture included); IPOT (ours and the CUDA-graph loop); WRA (ours: its call's
-#          time, profile and host time); the cosine backward's sweep; the IPOT kernel under ncu; attention against
-#          its peers (and our call's profile); the base encoder (ours eager and replayed, BertModel eager and
-#          compiled) and the eager steps' host time.
+#          time, profile and host time, and its GPU time replayed from a graph); the cosine backward's sweep; the
+#          IPOT kernel under ncu; attention against its peers (and our call's profile); the base encoder (ours
+#          eager and replayed, BertModel eager and compiled) and the eager steps' host time.
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
 # .whl/; the device image has pytest-xdist for the gpu tests' 8 workers), and `python benchmarks/compile_check.py`
 # with the device's Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then
@@ -55,6 +55,9 @@ goals() {
     timeout 40 python benchmarks/bench_ot.py --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         --sizes 256,1024 --profile 2>&1 | tee -a "$out/bench_ot.log"
     timeout 20 python benchmarks/bench_ot.py --host --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
+        --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
+    # the same calls replayed from CUDA graphs: their GPU time, backward included, without the host's
+    timeout 25 python benchmarks/bench_ot.py --graph --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
     timeout 40 python benchmarks/tune_kernels.py --parts ot --ot-sweeps backward 2>&1 | tee "$out/tune.log"
     timeout 40 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
