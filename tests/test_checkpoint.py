@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -457,3 +458,57 @@ def test_dicts_named_after_our_parameters_load():
     by_parameter["uniter.encoder.layer.1.attention.self.qkv.bias"] = torch.zeros(10)
     with pytest.raises(CheckpointError, match=r"layer\.1\.attention\.self\.qkv\.bias: .*3 equal row blocks"):
         UniterForPretraining.from_pretrained(by_parameter, uniter_config())
+
+
+@pytest.mark.parametrize("content, match", [
+    (json.dumps({"hidden_dropout_prob": "0.1"}), r"UniterConfig\.hidden_dropout_prob must be a number, got '0\.1'"),
+    (json.dumps({"hidden_size": "768"}), r"UniterConfig\.hidden_size must be a positive integer, got '768'"),
+    (json.dumps({"hidden_size": 100}), r"UniterConfig\.hidden_size \(100\) is not a multiple"),
+    (b"\xff\xfe{}", r"is not valid JSON"),
+])
+def test_bad_config_json_names_the_file(tmp_path, content, match):
+    path = tmp_path / "bad_config.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ValueError, match=r"bad_config\.json.*" + match):
+        UniterConfig.from_json(path)
+
+
+def test_bad_config_json_beside_a_checkpoint_names_it(tmp_path):
+    torch.save(tiny_original_state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({**uniter_config().to_dict(), "num_attention_heads": 5}))
+    with pytest.raises(CheckpointError, match=r"config\.json: UniterConfig\.hidden_size \(64\) is not a multiple"):
+        UniterModel.from_pretrained(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("key, shape", [
+    ("uniter.embeddings.word_embeddings.weight", (100,)),
+    ("uniter.encoder.layer.0.intermediate.dense.weight", ()),
+])
+def test_config_inference_names_a_wrongly_shaped_key(key, shape):
+    sd = tiny_original_state_dict()
+    sd[key] = torch.zeros(shape)
+    with pytest.raises(CheckpointError, match=r"cannot infer the model config from <state dict>: "
+                                              + re.escape(key) + r" has shape " + re.escape(str(shape))):
+        UniterModel.from_pretrained(sd)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_a_failed_save_leaves_the_earlier_file(tmp_path, monkeypatch, name):
+    import safetensors.torch
+
+    model = UniterModel(uniter_config())
+    path = tmp_path / name
+    save_checkpoint(model, path)
+    before = path.read_bytes()
+
+    def disk_full(state, target, *args, **kwargs):  # writes part of the file, then fails as a full disk does
+        with open(target, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(perturb(model, seed=3), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -318,6 +318,13 @@ def test_tsv_missing_fields_and_duplicates(tmp_path, rng):
                                                                   "boxes", "features"], progress=False)
 
 
+def test_tsv_that_is_not_utf8_names_the_file_and_line(tmp_path, rng):
+    good, _ = tsv_line("good", rng, 12)
+    (tmp_path / "f.tsv").write_bytes(good.encode() + b"\xff\xfe binary\n")
+    with pytest.raises(ConversionError, match=re.escape(str(tmp_path / "f.tsv")) + r": line 2: is not UTF-8 text"):
+        convert_tsv(tmp_path / "f.tsv", tmp_path / "store", progress=False)
+
+
 # ---- npz directory ------------------------------------------------------------------------------------------
 
 def test_npz_dir_applies_the_rule_by_default_and_keeps_on_request(tmp_path, rng):
@@ -404,6 +411,10 @@ def test_text_db_converts_to_a_corpus(tmp_path, rng):
         assert ids.tolist() == record["input_ids"]
     assert {k: meta[k] for k in META} == META and meta["vocab_size"] == 28996
     assert load_text_corpus(tmp_path / "coco.corpus.npz").extras[0] == {"raw": "caption 0", "toked_hypo": None}
+    before = (tmp_path / "coco.corpus.npz").read_bytes()
+    with pytest.raises(FileExistsError, match=r"coco\.corpus\.npz already exists"):  # never written over
+        convert_text_db(tmp_path / "coco.db", tmp_path / "coco.corpus.npz", progress=False)
+    assert (tmp_path / "coco.corpus.npz").read_bytes() == before
 
 
 @pytest.mark.parametrize("edit_record, edit_side, raw, match", [
@@ -468,6 +479,25 @@ def test_text_corpus_round_trip_and_damage(tmp_path):
         read_text_corpus(tmp_path / "junk.npz")
     with pytest.raises(FileNotFoundError, match=r"nothing\.npz does not exist"):
         read_text_corpus(tmp_path / "nothing.npz")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"image_name_offsets": np.array([0, 2, 1], dtype=np.int64)}, r"image_name_offsets must rise from 0 to 2"),
+    ({"image_name_offsets": np.array([0, 1, 9], dtype=np.int64)}, r"image_name_offsets must rise from 0 to 2"),
+    ({"image_name_offsets": np.array([0.0, 1, 2])}, r"image_name_offsets must be int64"),
+    ({"text_ids": np.frombuffer(b"\xff0t1", dtype=np.uint8)}, r"text_ids entry 0 is not UTF-8 text"),
+    ({"text_ids": np.array([116, 48, 116, 49])}, r"text_ids must be 1-D uint8 bytes, got int64"),
+    ({"meta": np.array("{not json")}, r"meta is not valid JSON"),
+    ({"version": np.array("one")}, r"version 'one' is not supported"),
+])
+def test_text_corpus_damaged_members_name_the_file(tmp_path, change, match):
+    write_text_corpus(tmp_path / "c.npz", [np.array([5, 6]), np.array([7])], ["a", "b"], ["t0", "t1"],
+                      {"CLS": 1, "SEP": 2, "MASK": 3, "v_range": [5, 10]})
+    with np.load(tmp_path / "c.npz") as npz:
+        members = {**dict(npz), **change}
+    np.savez(tmp_path / "damaged.npz", **members)
+    with pytest.raises(ValueError, match=r"text corpus .*damaged\.npz: " + match):
+        read_text_corpus(tmp_path / "damaged.npz")
 
 
 # ---- the command --------------------------------------------------------------------------------------------

@@ -221,6 +221,18 @@ def test_a_failed_session_commits_nothing_and_the_next_append_cuts_its_tail(stor
     assert store.verify_all() == []
 
 
+def test_append_refuses_a_truncated_last_shard(store_dir, images):
+    ids = list(images)
+    shard, offset, _ = RegionStore(store_dir).location(ids[-1])
+    os.truncate(shard, offset + 10)
+    with pytest.raises(RegionStoreError, match=r"shard-00000\.rgs: truncated: the index says it holds \d+ bytes, "
+                                               rf"the file has {offset + 10}"):
+        RegionStoreWriter(store_dir, feature_dim=D, label_dim=C, append=True)
+    assert os.path.getsize(shard) == offset + 10  # left as it was: the damage still reads as a truncation
+    with pytest.raises(CorruptRecordError, match=rf"'{ids[-1]}'.*truncated"):
+        RegionStore(store_dir)[ids[-1]]
+
+
 def test_flush_commits_midway(tmp_path, images):
     writer = RegionStoreWriter(tmp_path / "s", feature_dim=D, label_dim=C)
     items = list(images.items())
@@ -414,6 +426,8 @@ def test_shard_from_another_store(tmp_path, images):
     ({"soft_labels": np.zeros((3, C + 1), np.float16)}, "soft_labels has shape"),
     ({"soft_labels": None}, "keeps soft labels, none were given"),
     ({"features": np.full((3, D), 1e6, np.float32)}, "beyond float16's range"),
+    ({"features": [[0.0] * D, [0.0] * (D - 1), [0.0] * D]}, "features is not a numeric array"),
+    ({"norm_bb": [[0.0] * 6, [0.0] * 6, [0.0]]}, "norm_bb is not a numeric array"),
 ])
 def test_bad_writer_input_names_the_image(tmp_path, change, message):
     rng = np.random.default_rng(0)

@@ -88,6 +88,25 @@ def test_load_missing_file(tmp_path):
         Tokenizer.load(tmp_path / "nope.json")
 
 
+@pytest.mark.parametrize("content", [b"{not json", b"", b'{"version": "1.0"}', b"\xff\xfe binary"])
+def test_load_unreadable_file_names_it(tmp_path, content):
+    path = tmp_path / "broken_tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"tokenizer file .*broken_tokenizer\.json is not a tokenizers JSON"):
+        Tokenizer.load(path)
+
+
+def test_corpus_meta_with_a_bad_tokenizer_names_the_corpus(tok):
+    from uniter_fast.data.text_corpus import corpus_meta_from_tokenizer, tokenizer_from_meta
+
+    meta = corpus_meta_from_tokenizer(tok)
+    assert tokenizer_from_meta(meta, "text corpus c.npz").get_vocab() == tok.get_vocab()
+    for bad in ("{not json", 7):
+        with pytest.raises(ValueError, match=r"^text corpus c\.npz: meta\['tokenizer'\] is not a tokenizers JSON: "
+                                             r"(?!.*tokenizer file)"):
+            tokenizer_from_meta({**meta, "tokenizer": bad}, "text corpus c.npz")
+
+
 # ---- BERT vocab.txt ---------------------------------------------------------------------------------------
 
 def _bert_like_vocab(drop: str | None = None) -> list[str]:
@@ -129,6 +148,13 @@ def test_from_vocab_file_missing_token(tmp_path, missing):
     with pytest.raises(ValueError) as err:
         Tokenizer.from_vocab_file(path)
     assert str(path) in str(err.value) and repr(missing) in str(err.value)
+
+
+def test_from_vocab_file_not_utf8_names_it(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_bytes("\n".join(_bert_like_vocab()).encode() + b"\n\xff\n")
+    with pytest.raises(ValueError, match=r"vocab file .*vocab\.txt is not UTF-8 text"):
+        Tokenizer.from_vocab_file(path)
 
 
 def test_from_vocab_file_missing_file(tmp_path):

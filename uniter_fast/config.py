@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,6 +57,10 @@ class UniterConfig:
             )
         if self.hidden_act != "gelu":
             raise ValueError(f"UniterConfig.hidden_act {self.hidden_act!r}: UNITER uses 'gelu' (erf)")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"UniterConfig.{name} must be a number, got {value!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"UniterConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -122,7 +127,10 @@ class UniterConfig:
             raise ValueError(f"{source}: unknown UNITER config keys {unknown}")
         if unknown:
             log.debug("%s: skipping keys UNITER does not use: %s", source, unknown)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     @classmethod
     def from_json(cls, path: str | Path, *, strict: bool = True) -> "UniterConfig":
@@ -136,7 +144,7 @@ def read_json_object(path: str | Path, what: str) -> dict:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{what} {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")

@@ -25,6 +25,7 @@ import torch
 import torch.utils.data
 
 from uniter_fast.data.region_batch import BufferPool, Prefetcher, RegionBatch, can_pin, carve, carved_bytes
+from uniter_fast.files import replacing
 
 __all__ = ["RegionStore", "RegionStoreWriter", "RegionBatch", "StoredRegions", "RegionStoreError",
            "CorruptRecordError", "record_layout", "FORMAT_VERSION"]
@@ -198,6 +199,11 @@ class RegionStoreWriter:
             if len(header) < HEADER_BYTES or header[:8] != SHARD_MAGIC or header[36:52] != self._uuid:
                 f.close()
                 raise RegionStoreError(f"{shard}: not this store's shard (bad header or another store's uuid)")
+            size = os.fstat(f.fileno()).st_size
+            if size < self._shard_sizes[last]:  # cut off: extending it would hide the damage under new records
+                f.close()
+                raise RegionStoreError(f"{shard}: truncated: the index says it holds {self._shard_sizes[last]} bytes, "
+                                       f"the file has {size}; RegionStore.verify_all() names the images lost")
             f.truncate(self._shard_sizes[last])
             f.seek(self._shard_sizes[last])
             self._file = f
@@ -262,7 +268,10 @@ class RegionStoreWriter:
     def _field(self, image_id: str, name: str, value, dtype: np.dtype, *, ndim: int | None = None,
                shape: tuple[int, ...] | None = None) -> np.ndarray:
         where = f"{self.path}: image '{image_id}': {name}"
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as err:  # e.g. rows of different lengths
+            raise ValueError(f"{where} is not a numeric array: {err}") from None
         if array.dtype.kind != "f":
             raise ValueError(f"{where} must be floating point, got dtype {array.dtype}")
         if shape is not None and name == "conf" and array.shape == (shape[0], 1):
@@ -305,14 +314,12 @@ class RegionStoreWriter:
         header = _INDEX_HEADER.pack(INDEX_MAGIC, FORMAT_VERSION, HEADER_BYTES, self.feature_dim, self.label_dim,
                                     self.flags, len(self._shard_sizes), len(self._entries), self._uuid, 0)
         index = self.path / INDEX_NAME
-        tmp = self.path / (INDEX_NAME + ".tmp")
-        with open(tmp, "wb") as f:
+        with replacing(index) as tmp, open(tmp, "wb") as f:
             f.write(header + struct.pack("<I", zlib.crc32(header)))
             f.write(body)
             f.write(struct.pack("<I", zlib.crc32(body)))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, index)
         dir_fd = os.open(self.path, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the rename itself survives a crash

@@ -24,8 +24,6 @@ Strings are stored as bytes plus offsets rather than NumPy unicode arrays, which
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,8 @@ from typing import Sequence
 
 import msgpack
 import numpy as np
+
+from uniter_fast.files import replacing
 
 FORMAT = "uniter-fast-text-corpus"
 VERSION = 1
@@ -91,9 +91,15 @@ def _pack_strings(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
 
 
-def _unpack_strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+def _unpack_strings(data: np.ndarray, offsets: np.ndarray, name: str, where: str) -> list[str]:
     raw = data.tobytes()
-    return [raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    strings = []
+    for i, (a, b) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        try:
+            strings.append(raw[a:b].decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{where}: {name} entry {i} is not UTF-8 text ({err}): the file is damaged") from None
+    return strings
 
 
 def write_text_corpus(path: str | Path, texts: Sequence, image_ids: Sequence[str], text_ids: Sequence[str],
@@ -141,10 +147,8 @@ def write_text_corpus(path: str | Path, texts: Sequence, image_ids: Sequence[str
         "extras": np.frombuffer(b"".join(blobs), dtype=np.uint8), "extra_offsets": extra_offsets,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+    with replacing(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **members)
-    os.replace(tmp, path)
 
 
 def _check_offsets(offsets: np.ndarray, count: int, total: int, name: str, where: str) -> None:
@@ -176,9 +180,17 @@ def load_text_corpus(path: str | Path, *, extras: bool = True) -> TextCorpus:
         raise ValueError(f"{where}: cannot read it as a {FORMAT} .npz: {err}") from None
     if str(m["format"]) != FORMAT:
         raise ValueError(f"{where}: format {str(m['format'])!r}, expected {FORMAT!r}")
-    if int(m["version"]) != VERSION:
-        raise ValueError(f"{where}: version {int(m['version'])} is not supported (this reader knows {VERSION})")
-    meta = check_meta(json.loads(str(m["meta"])), where)
+    version = m["version"]
+    if version.shape != () or version.dtype.kind not in "iu" or int(version) != VERSION:
+        raise ValueError(f"{where}: version {version.tolist()!r} is not supported (this reader knows {VERSION})")
+    try:
+        meta = json.loads(str(m["meta"]))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: meta is not valid JSON: {err}") from None
+    meta = check_meta(meta, where)
+    for name in ("text_ids", "image_names", "extras"):
+        if m[name].dtype != np.uint8 or m[name].ndim != 1:
+            raise ValueError(f"{where}: {name} must be 1-D uint8 bytes, got {m[name].dtype} {m[name].shape}")
     tokens, index = m["token_ids"], m["image_index"]
     n = index.shape[0]
     if index.dtype != np.int32 or index.ndim != 1:
@@ -188,8 +200,11 @@ def load_text_corpus(path: str | Path, *, extras: bool = True) -> TextCorpus:
     _check_offsets(m["token_offsets"], n, tokens.shape[0], "token_offsets", where)
     _check_offsets(m["text_id_offsets"], n, m["text_ids"].shape[0], "text_id_offsets", where)
     _check_offsets(m["extra_offsets"], n, m["extras"].shape[0], "extra_offsets", where)
-    names = _unpack_strings(m["image_names"], m["image_name_offsets"])
-    text_ids = _unpack_strings(m["text_ids"], m["text_id_offsets"])
+    name_offsets = m["image_name_offsets"]  # as many names as it has entries, less one
+    _check_offsets(name_offsets, max(name_offsets.shape[0] - 1, 0) if name_offsets.ndim == 1 else 0,
+                   m["image_names"].shape[0], "image_name_offsets", where)
+    names = _unpack_strings(m["image_names"], name_offsets, "image_names", where)
+    text_ids = _unpack_strings(m["text_ids"], m["text_id_offsets"], "text_ids", where)
     if n and (index.min() < 0 or index.max() >= len(names)):
         raise ValueError(f"{where}: image_index points outside the {len(names)} image names: the file is damaged")
     offsets = m["token_offsets"]
@@ -219,9 +234,7 @@ def read_text_corpus(path: str | Path) -> tuple[list[np.ndarray], list[str], lis
 
 def corpus_meta_from_tokenizer(tokenizer, source: dict | None = None) -> dict:
     """The meta of a corpus tokenised by our Tokenizer: the original's meta.json keys plus the tokenizer itself."""
-    with tempfile.TemporaryDirectory() as tmp:  # Tokenizer saves to files only
-        tokenizer.save(Path(tmp) / "tokenizer.json")
-        tokenizer_json = (Path(tmp) / "tokenizer.json").read_text(encoding="utf-8")
+    tokenizer_json = tokenizer.to_str()
     return {"CLS": tokenizer.cls_id, "SEP": tokenizer.sep_id, "MASK": tokenizer.mask_id, "UNK": tokenizer.unk_id,
             "PAD": tokenizer.pad_id, "v_range": list(tokenizer.vocab_range), "vocab_size": tokenizer.vocab_size,
             "tokenizer": tokenizer_json, "source": source or {}}
@@ -233,12 +246,7 @@ def tokenizer_from_meta(meta: dict, where: str = "text corpus"):
 
     if not meta.get("tokenizer"):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.json").write_text(meta["tokenizer"], encoding="utf-8")
-        try:
-            tokenizer = Tokenizer.load(Path(tmp) / "tokenizer.json")
-        except Exception as err:  # tokenizers raises its own Exception type
-            raise ValueError(f"{where}: meta['tokenizer'] is not a tokenizers JSON: {err}") from None
+    tokenizer = Tokenizer.from_str(meta["tokenizer"], source=f"{where}: meta['tokenizer']")
     if tokenizer.vocab_size != meta["vocab_size"]:
         raise ValueError(f"{where}: meta['tokenizer'] has {tokenizer.vocab_size} ids but vocab_size is "
                          f"{meta['vocab_size']}")

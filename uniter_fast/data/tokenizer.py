@@ -29,12 +29,24 @@ def _bert_pipeline(model: models.Model, lowercase: bool) -> _HFTokenizer:
     return tok
 
 
+def _parse(read, source: str) -> _HFTokenizer:
+    """`read()`, a tokenizers JSON parser; its failures named after `source`."""
+    try:
+        return read()
+    except Exception as err:  # tokenizers raises its own Exception type
+        raise ValueError(f"{source} is not a tokenizers JSON: {err}") from None
+
+
 def _read_vocab(path: Path) -> dict[str, int]:
     """A BERT vocab.txt: one token a line, id = line number."""
     if not path.is_file():
         raise FileNotFoundError(f"vocab file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"vocab file {path} is not UTF-8 text: {err}") from None
     vocab: dict[str, int] = {}
-    for i, token in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, token in enumerate(lines):
         if token in vocab:
             raise ValueError(f"vocab file {path}: token {token!r} appears twice (lines {vocab[token] + 1} and {i + 1})")
         vocab[token] = i
@@ -87,10 +99,20 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        return cls(_HFTokenizer.from_file(str(path)), source=f"tokenizer file {path}")
+        source = f"tokenizer file {path}"
+        return cls(_parse(lambda: _HFTokenizer.from_file(str(path)), source), source=source)
+
+    @classmethod
+    def from_str(cls, text: str, source: str = "tokenizer JSON") -> "Tokenizer":
+        """A tokenizer from the text `save` writes; errors name `source`."""
+        return cls(_parse(lambda: _HFTokenizer.from_str(text), source), source=source)
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+
+    def to_str(self) -> str:
+        """The text `save` writes (from_str reads it)."""
+        return self._tok.to_str(pretty=True)
 
     # ---- ids -------------------------------------------------------------------------------------------------
     def token_to_id(self, token: str) -> int | None:

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from uniter_fast.config import UniterConfig, read_json_object
+from uniter_fast.files import replacing
 from uniter_fast.model.encoder import QKV_PARTS
 from uniter_fast.model.uniter import UniterModel
 
@@ -215,27 +216,30 @@ def _as_state_dict(data, name: str) -> dict[str, torch.Tensor]:
 def _read_config(path: Path) -> UniterConfig:
     try:
         data = read_json_object(path, "model config")
+        if data.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(f"{path}: position_embedding_type {data['position_embedding_type']!r} is not "
+                                  "UNITER's (absolute)")
+        return UniterConfig.from_dict(data, strict=False, source=str(path))  # an HF config.json has other keys
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    if data.get("position_embedding_type", "absolute") != "absolute":
-        raise CheckpointError(f"{path}: position_embedding_type {data['position_embedding_type']!r} is not "
-                              "UNITER's (absolute)")
-    return UniterConfig.from_dict(data, strict=False, source=str(path))  # an HF config.json has many other keys
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], source: str = "<state dict>") -> UniterConfig:
     """Sizes from the shapes of an original-layout (or any accepted) state dict; heads = hidden_size // 64."""
     sd = {_original_key(k): v for k, v in state_dict.items()}
 
-    def shape(key: str, default=None):
-        if key in sd:
-            return tuple(sd[key].shape)
+    def shape(key: str, default=None):  # of a weight matrix
         alias = next((a for a, p in _ALIASES.items() if p == key and a in sd), None)
-        if alias is not None:
-            return tuple(sd[alias].shape)
-        if default is None:
-            raise CheckpointError(f"cannot infer the model config from {source}: it has no {key}; pass a config")
-        return default
+        if key not in sd and alias is None:
+            if default is None:
+                raise CheckpointError(f"cannot infer the model config from {source}: it has no {key}; pass a config")
+            return default
+        name = key if key in sd else alias
+        found = tuple(sd[name].shape)
+        if len(found) != 2:
+            raise CheckpointError(f"cannot infer the model config from {source}: {name} has shape {found}, expected "
+                                  "a matrix (2 dimensions)")
+        return found
 
     vocab, hidden = shape("uniter.embeddings.word_embeddings.weight")
     layers = [int(m.group(1)) for k in sd if (m := re.match(r"uniter\.encoder\.layer\.(\d+)\.", k))]
@@ -336,19 +340,22 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 # saving --------------------------------------------------------------------------------------------------------
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the original key layout: `.safetensors` through safetensors, anything else with torch.save (a flat
-    state dict of tensors, loadable with weights_only=True). Tied tensors appear under both names, as the original."""
+    state dict of tensors, loadable with weights_only=True). Tied tensors appear under both names, as the original.
+    Written to a temporary file renamed into place: a failed save leaves no half-written file at `path`, and the
+    file already there intact."""
     path = Path(path)
     state = {k: v.cpu() for k, v in to_original_state_dict(model).items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        seen: set[int] = set()
-        for key, tensor in state.items():  # safetensors refuses shared storage: clone the second name of a tie
-            ptr = tensor.untyped_storage().data_ptr()
-            state[key] = tensor.clone() if ptr in seen else tensor.contiguous()
-            seen.add(ptr)
-        save_file(state, str(path), metadata={"format": "pt"})
-    else:
-        torch.save(state, path)
+    with replacing(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            seen: set[int] = set()
+            for key, tensor in state.items():  # safetensors refuses shared storage: clone the second name of a tie
+                ptr = tensor.untyped_storage().data_ptr()
+                state[key] = tensor.clone() if ptr in seen else tensor.contiguous()
+                seen.add(ptr)
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(state, tmp)
 
 
 def to_bert_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

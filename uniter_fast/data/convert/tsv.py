@@ -121,9 +121,14 @@ def convert_tsv(src: str | Path | Sequence[str | Path], dst: str | Path, *, fiel
     with StoreOutput(dst, append=append, shard_bytes=shard_bytes) as out, \
             progress_bar(total=total, desc="convert tsv", unit="B", unit_scale=True, enabled=progress) as bar:
         for path in files:
-            with open(path, "r", encoding="utf-8", newline="\n") as f:
-                for line_no, line in enumerate(f, start=1):
-                    bar.update(len(line))
+            with open(path, "rb") as f:  # decoded line by line, so that bad bytes are reported with their line
+                for line_no, raw in enumerate(f, start=1):
+                    bar.update(len(raw))
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise ConversionError(path, f"line {line_no}", f"is not UTF-8 text ({err}): not a feature "
+                                              "TSV, or a damaged one") from None
                     if not line.strip():
                         continue
                     image_id, regions = parse_line(line, names, path, line_no, dtype)

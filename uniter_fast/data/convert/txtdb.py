@@ -98,6 +98,8 @@ def _check_side_files(db: Path, ids: list[str], txt2img: dict, img2txts: dict) -
 def convert_text_db(src: str | Path, dst: str | Path, *, progress: bool = True) -> ConversionSummary:
     """Convert the text DB directory `src` into the corpus file `dst` (e.g. coco_train.corpus.npz)."""
     db = Path(src)
+    if Path(dst).exists():  # as a region store: never written over (another corpus there would be lost)
+        raise FileExistsError(f"{dst} already exists: remove it or choose another output path")
     if not (db / "data.mdb").is_file():
         raise FileNotFoundError(f"text DB {db}: no LMDB there ({db / 'data.mdb'} does not exist)")
     meta = _read_json(db / "meta.json", dict)
