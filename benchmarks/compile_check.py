@@ -39,8 +39,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from uniter_fast.kernels import attention_triton as attn  # noqa: E402
 from uniter_fast.kernels import ot_triton as ot  # noqa: E402
+from tune_kernels import OT_BACKWARD_CAPPED, OT_COST_CAPPED, OT_VECTORS_CAPPED  # noqa: E402
 
 UNITER_M, UNITER_N, UNITER_D, UNITER_L = 60, 100, 768, 160  # words, regions, region dims, longest sample
+H100_SMS = 132
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOATS = {"scale", "tol", "scale_log2", "keep_scale"}  # fp32 scalars; every other non-pointer is an int
 # integers a UNITER launch passes as multiples of 16 (Triton specialises those): row strides of 768-wide rows,
@@ -107,48 +109,76 @@ def loops(cubin: bytes) -> list[tuple[int, Counter]]:
     return out
 
 
+def _on_h100(rule, *args):
+    """rule(*args) as on an H100: the OT rules size launches by the SM count, which is 1 without a GPU."""
+    saved = ot._sm_count
+    ot._sm_count = lambda device: H100_SMS
+    try:
+        return rule(*args)
+    finally:
+        ot._sm_count = saved
+
+
 def ot_variants() -> list[Variant]:
     out = []
     lens = dict(text_lens_ptr="i64", region_lens_ptr="i64", x_starts_ptr="i64", y_starts_ptr="i64")
-    for batch in (256, 4096):  # below and above four programs per SM of an H100 (132 SMs): 4 and 2 warps
-        rule = ot._config(batch, UNITER_M, UNITER_N, None, 4)
-        rule["num_warps"] = 4 if batch <= 4 * 132 else 2
+    cost_ptrs = dict(cost_ptr="fp32", x_ptr="fp32", y_ptr="fp32", dist_ptr="fp32", plan_ptr="fp32", counts_ptr="i32",
+                     stats_ptr="fp32", **lens)
+    for batch in (256, 4096):  # below and above four programs per SM: 4 warps and 32 lanes, 2 and 16
+        rule = _on_h100(ot._config, batch, UNITER_M, UNITER_N, None, 4)
         for method, tol in (("ipot", False), ("ipot", True), ("ipot_log", False), ("sinkhorn_log", False)):
             out.append(Variant(
-                f"ot cost {method}{' tol' if tol else ''} warps={rule['num_warps']}", ot._transport_kernel,
-                dict(cost_ptr="fp32", x_ptr="fp32", y_ptr="fp32", dist_ptr="fp32", plan_ptr="fp32",
-                     counts_ptr="i32", stats_ptr="fp32", **lens),
+                f"ot cost {method}{' tol' if tol else ''} warps={rule['num_warps']}", ot._transport_kernel, cost_ptrs,
                 dict(METHOD=ot.METHODS[method], FROM_VECTORS=False, PACKED=False, WRITE_PLAN=True, WRITE_STATS=False,
-                     USE_TOL=tol,
-                     DOT_PRECISION="ieee", **_launch(rule)), rule["num_warps"]))
+                     USE_TOL=tol, DOT_PRECISION="ieee", **_launch(rule)), rule["num_warps"]))
+    rule = _on_h100(ot._config, 256, UNITER_M, UNITER_N, None, 4)
+    for capped in OT_COST_CAPPED:  # tune_kernels' register-capped launches
+        launch = {**rule, **capped}
+        out.append(Variant(
+            f"ot cost ipot warps={launch['num_warps']} lanes={launch['COL_LANES']} maxnreg={launch['maxnreg']}",
+            ot._transport_kernel, cost_ptrs,
+            dict(METHOD=0, FROM_VECTORS=False, PACKED=False, WRITE_PLAN=True, WRITE_STATS=False, USE_TOL=False,
+                 DOT_PRECISION="ieee", **_launch(launch)), launch["num_warps"], options={"maxnreg": launch["maxnreg"]}))
     for dtype in ("fp32", "fp16", "bf16"):
         rule = ot._config(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype].itemsize)
+        vector_ptrs = dict(cost_ptr="fp32", x_ptr=dtype, y_ptr=dtype, dist_ptr="fp32", plan_ptr="fp32",
+                           counts_ptr="i32", stats_ptr="fp32", **lens)
+        launches = [("", rule)] + ([(f" warps={c['num_warps']} maxnreg={c['maxnreg']}", {**rule, **c})
+                                    for c in OT_VECTORS_CAPPED] if dtype == "bf16" else [])
         for packed in (False, True) if dtype == "bf16" else (False,):
-            out.append(Variant(
-                f"ot vectors {dtype}{' packed' if packed else ''}", ot._transport_kernel,
-                dict(cost_ptr="fp32", x_ptr=dtype, y_ptr=dtype, dist_ptr="fp32", plan_ptr="fp32", counts_ptr="i32",
-                     stats_ptr="fp32", **lens),
-                dict(METHOD=0, FROM_VECTORS=True, PACKED=packed, WRITE_PLAN=True, WRITE_STATS=True, USE_TOL=False,
-                     DOT_PRECISION=ot._dot_precision(DTYPES[dtype], False), **_launch(rule)), rule["num_warps"]))
+            for label, launch in launches[:1] if packed else launches:
+                out.append(Variant(
+                    f"ot vectors {dtype}{' packed' if packed else ''}{label}", ot._transport_kernel, vector_ptrs,
+                    dict(METHOD=0, FROM_VECTORS=True, PACKED=packed, WRITE_PLAN=True, WRITE_STATS=True, USE_TOL=False,
+                         DOT_PRECISION=ot._dot_precision(DTYPES[dtype], False), **_launch(launch)),
+                    launch["num_warps"], options=_options(launch)))
         grad_rule, precision = ot.backward_launch(1024, UNITER_M, UNITER_N, UNITER_D, DTYPES[dtype])
         grad_rule = {k: v for k, v in grad_rule.items() if k != "SPLITS"}
         stages = grad_rule.pop("num_stages")
-        # bf16: the rule's 16-bit products (64 dims a step) and the tf32 ones they replaced (32 dims)
-        for low in (True, False) if grad_rule["LOW_OPERANDS"] else (False,):
-            replaced = {} if low == grad_rule["LOW_OPERANDS"] else {"BLOCK_D": 32}
+        grad_ptrs = dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
+                         grad_ptr="fp32", **lens)
+        # bf16: the rule's 16-bit products (64 dims a step), the tf32 ones they replaced (32 dims), and the rule
+        # register-capped
+        launches = [("", grad_rule)]
+        if grad_rule["LOW_OPERANDS"]:
+            launches += [(" tf32", {**grad_rule, "LOW_OPERANDS": False, "BLOCK_D": 32})]
+            launches += [(f" warps={c['num_warps']} maxnreg={c['maxnreg']}", {**grad_rule, **c})
+                         for c in OT_BACKWARD_CAPPED]
+        for label, launch in launches:
             out.append(Variant(
-                f"ot cosine backward {dtype}{'' if low == grad_rule['LOW_OPERANDS'] else ' tf32'}",
-                ot._cosine_grad_kernel,
-                dict(x_ptr=dtype, y_ptr=dtype, gx_ptr=dtype, gy_ptr=dtype, plan_ptr="fp32", stats_ptr="fp32",
-                     grad_ptr="fp32", **lens),
-                dict(PACKED=False, DOT_PRECISION=precision, EVEN_D=True,
-                     **_launch({**grad_rule, "LOW_OPERANDS": low, **replaced})),
-                grad_rule["num_warps"], stages))
+                f"ot cosine backward {dtype}{label}", ot._cosine_grad_kernel, grad_ptrs,
+                dict(PACKED=False, DOT_PRECISION=precision, EVEN_D=True, **_launch(launch)),
+                launch["num_warps"], stages, options=_options(launch)))
     return out
 
 
 def _launch(rule: dict) -> dict:
-    return {k: v for k, v in rule.items() if k != "num_warps"}
+    """A launch's constexprs: what is not a compile option."""
+    return {k: v for k, v in rule.items() if k not in ("num_warps", "maxnreg")}
+
+
+def _options(launch: dict) -> dict:
+    return {"maxnreg": launch["maxnreg"]} if "maxnreg" in launch else {}
 
 
 def attention_variants() -> list[Variant]:

@@ -7,11 +7,12 @@
 #         with training's dropout, the base encoder compiled (ours, ours replayed from CUDA graphs, and BertModel),
 #         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
-# --goals: the issues' goals alone, in about 6 minutes (limits adding up to 8): the gpu tests of the OT kernels
+# --goals: the issues' goals alone, in about 7 minutes (limits adding up to 9): the gpu tests of the OT kernels
 #          and attention (graph capture included); IPOT (ours and the CUDA-graph loop); WRA (ours: its call's
-#          time, profile and host time, and its GPU time replayed from a graph); the cosine backward's sweep; the
-#          IPOT kernel under ncu; attention against its peers (and our call's profile); the base encoder (ours
-#          eager and replayed, BertModel eager and compiled) and the eager steps' host time.
+#          time, profile and host time, and its GPU time replayed from a graph); the cosine backward's sweep and the
+#          solver's register-capped launches; the IPOT kernel under ncu; attention against its peers (and our
+#          call's profile); the base encoder (ours eager and replayed, BertModel eager and compiled) and the eager
+#          steps' host time.
 # Before a device session, in the checkout: `bash ../shared/device/prepare.sh` (deepspeed, POT and their needs into
 # .whl/; the device image has pytest-xdist for the gpu tests' 8 workers), and `python benchmarks/compile_check.py`
 # with the device's Triton first on PYTHONPATH. Run with carry [".whl"] and the install line prepare.sh prints, then
@@ -59,10 +60,11 @@ goals() {
     # the same calls replayed from CUDA graphs: their GPU time, backward included, without the host's
     timeout 25 python benchmarks/bench_ot.py --graph --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
-    timeout 40 python benchmarks/tune_kernels.py --parts ot --ot-sweeps backward 2>&1 | tee "$out/tune.log"
-    timeout 40 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
+    # the cosine backward's launches, and the rule against the register-capped launches (maxnreg) of the solver
+    timeout 100 python benchmarks/tune_kernels.py --parts ot --ot-sweeps occupancy backward 2>&1 | tee "$out/tune.log"
+    timeout 55 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
-        python benchmarks/profile_ipot.py --sizes 256 1024 2>&1 | tee "$out/ncu_ipot.log"
+        python benchmarks/profile_ipot.py --sizes 256 1024 --capped 2>&1 | tee "$out/ncu_ipot.log"
     timeout 45 python benchmarks/bench_attention.py --quick --batches uniter --profile 2>&1 \
         | tee "$out/bench_attention.log"
     timeout 110 python benchmarks/bench_layer.py --models base --impls ours_triton,ours_graphs,hf_eager,hf_compile \

@@ -41,17 +41,28 @@ ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 1, fused_delta=True), L
                  Launch(32, 32, 4, 1)]
 # each list starts with the rule ({}); the overrides are the alternatives the last sweeps left close (H100 and
 # H200, 2026-11-27: the numbers are in ot_triton._config's docstring)
+# Register-capped launches (maxnreg): twice or four times the warps per problem in the registers of the rule's
+# programs, so that a batch still runs in one wave. The solver is latency-bound at the occupancy its registers
+# allow (Nsight Compute, RESULTS.md); uncapped, 8 warps took 184 registers, one program per SM (0.46-0.55x).
+# Capped, ptxas spills at most 24 bytes at 128 and 104 at 64 (compile_check.py, sm_90, Triton 3.6).
+OT_COST_CAPPED = [{"num_warps": 8, "COL_LANES": 32, "maxnreg": 128}, {"num_warps": 8, "COL_LANES": 16, "maxnreg": 128},
+                  {"num_warps": 16, "COL_LANES": 32, "maxnreg": 64}, {"num_warps": 16, "COL_LANES": 16, "maxnreg": 64}]
+OT_VECTORS_CAPPED = [{"num_warps": 8, "maxnreg": 128}, {"num_warps": 16, "maxnreg": 64}]
+OT_BACKWARD_CAPPED = [{"num_warps": 8, "maxnreg": 128}]  # 8 warps uncapped take 254 registers (no spill)
 OT_COST = [{}, {"COL_LANES": 32, "num_warps": 4}, {"COL_LANES": 16, "num_warps": 2}, {"COL_LANES": 32},
-           {"COL_LANES": 16}, {"num_warps": 8}, {"SHRINK": False}]
+           {"COL_LANES": 16}, {"num_warps": 8}, {"SHRINK": False}, *OT_COST_CAPPED]
 OT_VECTORS = [{}, {"COL_LANES": 16}, {"num_warps": 2, "COL_LANES": 16}, {"num_warps": 2}, {"BLOCK_D": 64},
-              {"num_stages": 2}, {"SHRINK": False}]
+              {"num_stages": 2}, {"SHRINK": False}, *OT_VECTORS_CAPPED]
+OT_VECTORS_SMALL = [*OT_VECTORS[:3], *OT_VECTORS_CAPPED]  # B=256
 OT_BACKWARD = [{}, {"LOW_OPERANDS": False, "BLOCK_D": 32}, {"BLOCK_D": 32}, {"num_stages": 2},
                {"num_stages": 2, "SPLITS": 1}, {"num_warps": 8}, {"num_warps": 2}, {"BLOCK_D": 16}, {"SPLITS": 1},
-               {"SPLITS": 2}, {"SPLITS": 8}]  # the second: bf16's rule before 2026-11-27 (tf32 products, 32 dims)
+               {"SPLITS": 2}, {"SPLITS": 8}, *OT_BACKWARD_CAPPED]
+# (the second: bf16's rule before 2026-11-27, tf32 products and 32 dims)
 OT_FP32 = [{}, {"DOT_PRECISION": "tf32x3"}]  # fp32 vectors: exact products against three tensor-core ones
 # (tf32x3 crashed the fp32 backward's kernel with an illegal memory access: the launcher refuses it)
 OT_FP32_BACKWARD = [{}, {"num_stages": 3}, {"num_warps": 4}, {"BLOCK_D": 32}]
-OT_SWEEPS = ("cost", "vectors", "backward", "fp32")
+# "occupancy": the rule against the register-capped launches alone, in each of the first three sweeps
+OT_SWEEPS = ("cost", "vectors", "backward", "fp32", "occupancy")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ot-sizes", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--ot-sweeps", nargs="+", default=list(OT_SWEEPS), choices=list(OT_SWEEPS),
                    help="which OT sweeps run: IPOT from a cost (at --ot-sizes), the fused forward from vectors, the "
-                        "cosine backward (bf16, B=1024 and 256), and fp32 vectors (B=1024)")
+                        "cosine backward (bf16, B=1024 and 256), fp32 vectors (B=1024); 'occupancy': the rule and "
+                        "the register-capped launches alone in the first three")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, two launches each, under the interpreter")
@@ -108,32 +120,46 @@ def tune_attention(args, timer: Timer, device) -> None:
           lambda launch: attn.backward(batch.grad_packed, q, k, v, out, lse, cu, N, scale, 0.0, 0, launch))
 
 
+def _launches(args, full: list, capped: list, name: str) -> list:
+    """A sweep's launches: all of `full` where --ot-sweeps names it, else the rule and `capped` for 'occupancy', else
+    none (the sweep does not run); the first two under --cpu-smoke."""
+    if name in args.ot_sweeps:
+        launches = full
+    elif "occupancy" in args.ot_sweeps and capped:
+        launches = [{}, *capped]
+    else:
+        return []
+    return launches[:2] if args.cpu_smoke else launches
+
+
 def tune_ot(args, timer: Timer, device) -> None:
     shape = SMOKE if args.cpu_smoke else UNITER
     solve = ot.Solve("ipot", scale=2.0, iterations=50)  # beta 0.5, as the original
-    costs = OT_COST[:2] if args.cpu_smoke else OT_COST
-    for B in args.ot_sizes if "cost" in args.ot_sweeps else ():
+    costs = _launches(args, OT_COST, OT_COST_CAPPED, "cost")
+    for B in args.ot_sizes if costs else ():
         prob = make_problem("fwd_cost", shape, B, torch.float32, 0, device)
         rule = ot._config(B, shape.M, shape.N, None, 4, device)
         sweep(f"ot ipot from a cost  B={B} fp32  rule {rule}", timer, costs,
               lambda tune: ot.transport_cost(prob.cost, prob.text_lens, prob.region_lens, solve, tune=tune)[0])
-    # (B, dtype, forward launches, backward launches, the sweep names they belong to): bf16 is training's; B=256
-    # splits each problem's dims
-    cases = [(args.ot_sizes[-1], torch.float32, OT_VECTORS[:2], OT_BACKWARD[:2], "vectors", "backward")] \
-        if args.cpu_smoke else [(1024, torch.bfloat16, OT_VECTORS, OT_BACKWARD, "vectors", "backward"),
-                                (256, torch.bfloat16, OT_VECTORS[:3], OT_BACKWARD, "vectors", "backward"),
-                                (1024, torch.float32, OT_FP32, OT_FP32_BACKWARD, "fp32", "fp32")]
-    for B, dtype, vectors, backwards, forward_sweep, backward_sweep in cases:
-        if forward_sweep not in args.ot_sweeps and backward_sweep not in args.ot_sweeps:
+    # (B, dtype, forward launches, backward launches): bf16 is training's; B=256 splits each problem's dims
+    cases = [(args.ot_sizes[-1], torch.float32, _launches(args, OT_VECTORS, [], "vectors"),
+              _launches(args, OT_BACKWARD, [], "backward"))] if args.cpu_smoke else [
+        (1024, torch.bfloat16, _launches(args, OT_VECTORS, OT_VECTORS_CAPPED, "vectors"),
+         _launches(args, OT_BACKWARD, OT_BACKWARD_CAPPED, "backward")),
+        (256, torch.bfloat16, _launches(args, OT_VECTORS_SMALL, OT_VECTORS_CAPPED, "vectors"),
+         _launches(args, OT_BACKWARD, OT_BACKWARD_CAPPED, "backward")),
+        (1024, torch.float32, _launches(args, OT_FP32, [], "fp32"), _launches(args, OT_FP32_BACKWARD, [], "fp32"))]
+    for B, dtype, vectors, backwards in cases:
+        if not (vectors or backwards):
             continue
         prob = make_problem("wra_fwd", shape, B, dtype, 0, device)
         text, regions = ot.Rows(prob.text), ot.Rows(prob.regions)
         rule = ot._config(B, shape.M, shape.N, shape.D, prob.text.element_size(), device)
-        if forward_sweep in args.ot_sweeps:
+        if vectors:
             sweep(f"ot ipot from vectors (fused cosine)  B={B} D={shape.D} {dtype}  rule {rule}", timer, vectors,
                   lambda tune: ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve,
                                                     tune=tune)[0])
-        if backward_sweep not in args.ot_sweeps:
+        if not backwards:
             continue
         stats = ot.grad_stats(B, prob.text.shape[1], prob.regions.shape[1], device)
         _, plan, _ = ot.transport_vectors(text, regions, prob.text_lens, prob.region_lens, solve, want_plan=True,

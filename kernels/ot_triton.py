@@ -602,12 +602,22 @@ def _tuned(rule: dict, tune: dict | None, dim: int | None) -> dict:
                          f"{config['BLOCK_N']})")
     if config.get("DOT_PRECISION", "ieee") not in ("ieee", "tf32", "tf32x3"):
         raise ValueError(f"tune={tune}: DOT_PRECISION must be ieee, tf32 or tf32x3")
+    _check_maxnreg(config, tune)
     smallest = 16 if dim is not None else 1  # tl.dot's least side
     if config["SHRINK"] and (config["PROBS"] != 1 or config["BLOCK_N"] // 2 < max(lanes, smallest)
                              or config["BLOCK_M"] // 2 < smallest):
         raise ValueError(f"tune={tune}: SHRINK needs PROBS=1 and half tiles of at least COL_LANES={lanes} "
                          f"columns and {smallest} rows")
     return config
+
+
+def _check_maxnreg(config: dict, tune: dict) -> None:
+    """maxnreg (Triton's option: registers per thread, ptxas spilling past them) caps a launch's registers so that
+    more of its programs fit an SM: the solver holds its whole tile in registers, which capped occupancy at 12.5%
+    (Nsight Compute, RESULTS.md). sm_90 allocates 24 to 255."""
+    value = config.get("maxnreg")
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 24 <= value <= 255):
+        raise ValueError(f"tune={tune}: maxnreg must be an int from 24 to 255 (registers per thread)")
 
 
 def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
@@ -624,7 +634,8 @@ def _dot_precision(dtype: torch.dtype, backward: bool) -> str:
     return "tf32"
 
 
-BACKWARD_KEYS = ("BLOCK_D", "SPLITS", "DOT_PRECISION", "LOW_OPERANDS", "num_warps", "num_stages")  # tune= sets
+BACKWARD_KEYS = ("BLOCK_D", "SPLITS", "DOT_PRECISION", "LOW_OPERANDS", "num_warps", "num_stages",
+                 "maxnreg")  # what tune= sets
 
 
 def backward_launch(batch: int, max_m: int, max_n: int, dim: int, dtype: torch.dtype,
@@ -662,6 +673,7 @@ def _tuned_backward(rule: dict, tune: dict | None, dtype: torch.dtype) -> dict:
         raise ValueError(f"tune={tune}: BLOCK_D must be 16, 32, 64 or 128 and SPLITS a positive int")
     if not isinstance(config["LOW_OPERANDS"], bool):
         raise ValueError(f"tune={tune}: LOW_OPERANDS must be True or False")
+    _check_maxnreg(config, tune)
     if config["LOW_OPERANDS"] and dtype == torch.bfloat16 and interpreting():
         raise ValueError(f"tune={tune}: LOW_OPERANDS with bf16 vectors needs a GPU (the interpreter's bf16 products "
                          "give NaN)")

@@ -209,7 +209,8 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
     cost = cost.float()
     solve = kernels.Solve("ipot", scale=2.0, iterations=10)
     dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True)
-    for tune in ({"PROBS": 1}, {"PROBS": 4, "num_warps": 2}, {"COL_LANES": 1}, {"COL_LANES": 2, "PROBS": 2}):
+    for tune in ({"PROBS": 1}, {"PROBS": 4, "num_warps": 2}, {"COL_LANES": 1}, {"COL_LANES": 2, "PROBS": 2},
+                 {"num_warps": 8, "maxnreg": 128}):
         dist2, plan2, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True, tune=tune)
         torch.testing.assert_close(dist2, dist, rtol=1e-6, atol=1e-8)
         torch.testing.assert_close(plan2, plan, rtol=1e-6, atol=1e-9)
@@ -225,6 +226,9 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
         kernels.transport_vectors(*rows, text_lens, region_lens, solve, tune={"DOT_PRECISION": "fp8"})
     with pytest.raises(ValueError, match="COL_LANES"):
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"COL_LANES": 3})
+    for bad in (16, 256, 128.0, True):
+        with pytest.raises(ValueError, match="maxnreg must be an int from 24 to 255"):
+            kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"maxnreg": bad})
 
 
 
@@ -339,7 +343,7 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
     for tune in ({}, {"SPLITS": 1}, {"SPLITS": 2, "BLOCK_D": 16}, {"SPLITS": 3, "BLOCK_D": 16},
                  {"SPLITS": 9, "BLOCK_D": 16}, {"BLOCK_D": 64, "num_warps": 8}, {"LOW_OPERANDS": True},
                  {"LOW_OPERANDS": True, "SPLITS": 3, "BLOCK_D": 16},
-                 {"LOW_OPERANDS": True, "SPLITS": 2, "BLOCK_D": 16}):
+                 {"LOW_OPERANDS": True, "SPLITS": 2, "BLOCK_D": 16}, {"num_warps": 8, "maxnreg": 128}):
         grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune=tune)
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6, msg=lambda m: f"tune={tune}: {m}")
@@ -355,6 +359,8 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
         kernels.cosine_backward(*b16, text_lens, region_lens, plan, stats, weights, tune={"LOW_OPERANDS": True})
     with pytest.raises(ValueError, match="LOW_OPERANDS must be True or False"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune={"LOW_OPERANDS": 1})
+    with pytest.raises(ValueError, match="maxnreg must be an int"):
+        kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune={"maxnreg": 300})
     with pytest.raises(ValueError, match=r"not \['PROBS'\]"):
         kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights, tune={"PROBS": 2})
     with pytest.raises(ValueError, match=r"grad_stats buffer: expected a contiguous fp32 tensor of shape \(6, 2, "):
