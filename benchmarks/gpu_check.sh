@@ -39,7 +39,8 @@ extras() {
         2>&1 | tee -a "$out/bench_ot.log"
     timeout 30 python benchmarks/bench_layer.py --quick --host 2>&1 | tee -a "$out/bench_layer.log"
     timeout 130 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 \
-        --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled 2>&1 | tail -20 | tee -a "$out/pretrain.log"
+        --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled --overwrite 2>&1 | tail -20 \
+        | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
 }
 workers() {
@@ -110,7 +111,7 @@ timeout 20 python benchmarks/bench_attention.py --quick --host --batches uniter 
     | tee -a "$out/bench_attention.log"
 cp benchmarks/results.csv "$out/" 2>/dev/null || true
 timeout 45 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps 60 --precision bf16 --no-progress \
-    --output-dir /tmp/gpu_check_pretrain 2>&1 | tail -40 | tee "$out/pretrain.log"
+    --overwrite --output-dir /tmp/gpu_check_pretrain 2>&1 | tail -40 | tee "$out/pretrain.log"
 if [ "${1:-}" = "--tune" ]; then
     extras
 fi

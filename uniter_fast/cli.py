@@ -17,7 +17,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                                  ("precision", args.precision), ("compile", args.compile)) if v is not None}
     cfg = cfg.replace(**changes)
     try:
-        metrics = pretrain(cfg, progress=not args.no_progress)
+        metrics = pretrain(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     finally:
         import torch.distributed as dist
 
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", default=None, metavar="BACKEND",
                    help="run the encoder under torch.compile with this backend (inductor on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output_dir: this run's files replace an earlier run's of the same name")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=_pretrain)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +12,33 @@ from uniter_fast.data.synthetic import WorldConfig
 from uniter_fast.objectives.tasks import TASKS
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_int(value, name: str, least: int) -> None:
+    """An integer (not a bool, not a float) of at least `least` (0 or 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "a positive" if least == 1 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     preset: str = "tiny"                 # tiny | base | large
     config: str | None = None            # a JSON in the original's fields; wins over the preset
     overrides: dict = field(default_factory=dict)
     init_checkpoint: str | None = None   # an original UNITER or Hugging Face BERT checkpoint
+
+    def __post_init__(self) -> None:
+        if self.config is None and self.preset not in UniterConfig.PRESETS:
+            raise ValueError(f"unknown model preset {self.preset!r}; expected one of {', '.join(UniterConfig.PRESETS)}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides must be an object of UNITER config keys, got {self.overrides!r}")
+        known = {f.name for f in dataclasses.fields(UniterConfig)}
+        unknown = sorted(k for k in self.overrides if k not in known)
+        if unknown:
+            raise ValueError(f"overrides: unknown UNITER config keys {unknown}; expected some of {sorted(known)}")
 
     def build_config(self, **forced) -> UniterConfig:
         base = UniterConfig.from_json(self.config) if self.config else UniterConfig.preset(self.preset)
@@ -55,8 +77,8 @@ class DataOptions:
             absent = [k for k in files if k not in given]
             raise ValueError(f"{', '.join(given)} given without {', '.join(absent)}: reading files instead of the "
                              "synthetic world needs region_store, text_corpus and val_text_corpus together")
-        if isinstance(self.max_txt_len, bool) or not isinstance(self.max_txt_len, int) or self.max_txt_len < 1:
-            raise ValueError(f"max_txt_len must be a positive integer, got {self.max_txt_len!r}")
+        _check_int(self.vocab_size, "vocab_size", least=1)
+        _check_int(self.max_txt_len, "max_txt_len", least=1)
 
     @property
     def from_files(self) -> bool:
@@ -73,6 +95,11 @@ class EvalOptions:
     valid_steps: int = 0                 # validate every this many updates (0: only at the end)
     val_batches: int = 8                 # batches per task when validating
     retrieval_images: int = 100          # zero-shot retrieval over this many held-out images (one caption each)
+
+    def __post_init__(self) -> None:
+        _check_int(self.valid_steps, "valid_steps", least=0)
+        _check_int(self.val_batches, "val_batches", least=1)
+        _check_int(self.retrieval_images, "retrieval_images", least=1)
 
 
 @dataclass(frozen=True)
@@ -108,6 +135,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check_mix(self.tasks, "tasks")
+        if not isinstance(self.task_phases, (tuple, list)):
+            raise ValueError('task_phases must be a list of {"steps": n, "tasks": mix} objects, '
+                             f"got {self.task_phases!r}")
         for i, phase in enumerate(self.task_phases):
             where = f"task_phases[{i}]"
             if not isinstance(phase, dict) or set(phase) != {"steps", "tasks"}:
@@ -117,14 +147,30 @@ class PretrainConfig:
             _check_mix(phase["tasks"], f"{where}.tasks")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision {self.precision!r}: expected fp32, bf16 or fp16")
-        if self.zero_stage not in (0, 1, 2, 3):
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage {self.zero_stage!r}: expected 0, 1, 2 or 3")
         _check_compile(self.compile, self.zero_stage)
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.warmup_steps < 0 or self.learning_rate <= 0:
-            raise ValueError("warmup_steps must be >= 0 and learning_rate > 0")
+            _check_int(getattr(self, name), name, least=1)
+        for name in ("warmup_steps", "seed"):
+            _check_int(getattr(self, name), name, least=0)
+        for name, ok, expected in (("learning_rate", lambda v: v > 0, "a number > 0"),
+                                   ("adam_eps", lambda v: v > 0, "a number > 0"),
+                                   ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+                                   ("grad_norm", lambda v: True, "a number (-1: no clipping)"),
+                                   ("mrm_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+                                   ("itm_neg_prob", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+                                   ("itm_ot_lambda", lambda v: v >= 0, "a number >= 0")):
+            value = getattr(self, name)
+            if not _is_number(value) or not ok(value):
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2 or \
+                not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.conditional_masking, bool):
+            raise ValueError(f"conditional_masking must be true or false, got {self.conditional_masking!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"output_dir must be a directory path, got {self.output_dir!r}")
 
     def replace(self, **changes) -> "PretrainConfig":
         return dataclasses.replace(self, **changes)

@@ -145,6 +145,20 @@ def build_data(cfg: PretrainConfig) -> PretrainData:
     return build_file_data(cfg) if cfg.data.from_files else build_synthetic_data(cfg)
 
 
+def _check_batching(data: PretrainData, cfg: PretrainConfig) -> None:
+    """Both splits must batch with train_batch_size before training starts (the held-out one is batched only when
+    validating, at the end of the run)."""
+    for name, corpus in (("training", data.train), ("held-out", data.val)):
+        if not len(corpus.lens):
+            raise ValueError(f"the {name} split has no caption of at most data.max_txt_len ({cfg.data.max_txt_len}) "
+                             "tokens: raise max_txt_len")
+        try:
+            TokenBucketSampler(corpus.lens, batch_tokens=cfg.train_batch_size)
+        except ValueError as err:
+            raise ValueError(f"train_batch_size {cfg.train_batch_size} is too small for the {name} split: "
+                             f"{err}") from None
+
+
 def retrieval_eval(model, data: PretrainData, num_images: int, device: torch.device) -> dict[str, float]:
     """Zero-shot retrieval on the held-out split: the first caption of each of the first `num_images` images."""
     image_ids = data.retrieval_image_ids[:num_images]
@@ -175,12 +189,15 @@ class TaskStreams:
         return make_task_batch(self.corpus, task, indices, rng, self.options)
 
 
-def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
-    """Run pre-training as configured; rank 0 writes the checkpoint, metrics.json and curves.png to output_dir."""
+def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run pre-training as configured; rank 0 writes the checkpoint, metrics.json and curves.png to output_dir,
+    which must be empty or absent unless `overwrite` (then the run's files replace those of the same name)."""
+    out_dir = Path(cfg.output_dir)
+    _claim_output_dir(out_dir, overwrite)
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
     data = build_data(cfg)
+    _check_batching(data, cfg)
     model_config = cfg.model.build_config(vocab_size=data.vocab_size)
     _check_region_widths(data.train.images, model_config, cfg)
     if cfg.model.init_checkpoint:
@@ -244,6 +261,17 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
         if rank == 0:
             _write_outputs(out_dir, cfg, model, data, history, metrics)
     return metrics
+
+
+def _claim_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """output_dir must be absent or empty unless overwrite: an earlier run's checkpoint and metrics are not written
+    over by accident, and a path that cannot hold the outputs fails before training rather than after it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output_dir {out_dir} is a file, not a directory: choose another (--output-dir)")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output_dir {out_dir} is not empty (an earlier run's outputs would be written over): "
+                              "remove it, choose another (--output-dir) or pass --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _final_train(history: list[dict], tasks) -> dict:
