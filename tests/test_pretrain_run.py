@@ -106,6 +106,24 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         PretrainConfig.from_json(path)
 
 
+def test_the_command_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    """Exit status 1 and one message naming the file or key, no traceback; UNITER_FAST_TRACEBACK=1 raises."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"learning_rate": "1e-3"}))
+    assert main(["pretrain", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("uniter-fast pretrain: error: ") and "bad.json: learning_rate must be a number > 0" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    config = _small_config(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}\n")  # an earlier run
+    assert main(["pretrain", "--config", str(config)]) == 1
+    assert "is not empty" in capsys.readouterr().err
+    monkeypatch.setenv("UNITER_FAST_TRACEBACK", "1")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        main(["pretrain", "--config", str(config)])
+
+
 def test_optimizer_groups_follow_the_original_name_rule():
     from helpers import tiny_config
 

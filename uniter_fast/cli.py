@@ -8,16 +8,34 @@ import os
 import sys
 
 
+TRACEBACK_VAR = "UNITER_FAST_TRACEBACK"
+# what bad input raises (files, config values, records, keys): reported in one line, without a traceback
+INPUT_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _input_error(command: str, err: Exception) -> int:
+    """Exit status 1 and one clear message on stderr; with UNITER_FAST_TRACEBACK=1 the error is raised instead."""
+    if os.environ.get(TRACEBACK_VAR) == "1":
+        raise err
+    message = err.args[0] if isinstance(err, KeyError) and err.args else err
+    print(f"{command}: error: {message}", file=sys.stderr)
+    for note in getattr(err, "__notes__", []):
+        print(f"  {note}", file=sys.stderr)
+    return 1
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from uniter_fast.train.config import PretrainConfig
     from uniter_fast.train.loop import pretrain
 
-    cfg = PretrainConfig.from_json(args.config)
-    changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps),
-                                 ("precision", args.precision), ("compile", args.compile)) if v is not None}
-    cfg = cfg.replace(**changes)
     try:
+        cfg = PretrainConfig.from_json(args.config)
+        changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps),
+                                     ("precision", args.precision), ("compile", args.compile)) if v is not None}
+        cfg = cfg.replace(**changes)
         metrics = pretrain(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+    except INPUT_ERRORS as err:
+        return _input_error("uniter-fast pretrain", err)
     finally:
         import torch.distributed as dist
 
@@ -57,12 +75,8 @@ def _convert(args: argparse.Namespace) -> int:
             from uniter_fast.train.config import PretrainConfig
 
             summary = convert.export_synthetic(PretrainConfig.from_json(args.config), args.dst, progress=progress)
-    except (OSError, ValueError, KeyError) as err:  # bad input: one clear message, no traceback
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"uniter-fast convert {args.source}: error: {message}", file=sys.stderr)
-        for note in getattr(err, "__notes__", []):
-            print(f"  {note}", file=sys.stderr)
-        return 1
+    except INPUT_ERRORS as err:
+        return _input_error(f"uniter-fast convert {args.source}", err)
     print("\n".join(summary.lines()))
     return 0
 
