@@ -25,6 +25,44 @@ def test_token_buckets_respect_the_budget_and_cover_each_epoch():
     assert [b.tolist() for b in sampler.epoch(1)] != [b.tolist() for b in batches]
 
 
+
+def test_token_buckets_are_length_sorted_runs_served_in_shuffled_order():
+    """One bucket: batches cut a longest-first sorting of the examples (little padding), then get shuffled."""
+    lens = np.random.default_rng(1).integers(10, 60, size=400)
+    batches = TokenBucketSampler(lens, batch_tokens=1200, bucket_size=1000, size_multiple=8, seed=2).epoch(0)
+    maxima = [int(lens[b].max()) for b in batches]
+    by_length = sorted(batches, key=lambda b: -int(lens[b].max()))
+    for longer, shorter in zip(by_length, by_length[1:]):
+        assert lens[longer].min() >= lens[shorter].max()
+    assert maxima != sorted(maxima, reverse=True)  # served shuffled, not longest batch first
+
+
+def test_the_seed_changes_the_order():
+    lens = np.random.default_rng(0).integers(10, 60, size=200)
+    order = lambda seed: [b.tolist() for b in TokenBucketSampler(lens, batch_tokens=1200, seed=seed).epoch(0)]
+    assert order(3) == order(3) and order(3) != order(4)
+
+
+def test_iterating_runs_epoch_after_epoch():
+    """The endless stream is epoch 0, then epoch 1, ...: the position (epoch, batch) fixes every batch."""
+    lens = np.random.default_rng(0).integers(10, 60, size=200)
+    sampler = TokenBucketSampler(lens, batch_tokens=1200, seed=5)
+    expected = sampler.epoch(0) + sampler.epoch(1) + sampler.epoch(2)[:1]
+    stream = iter(sampler)
+    got = [next(stream) for _ in expected]
+    assert [b.tolist() for b in got] == [b.tolist() for b in expected]
+
+
+def test_drop_last_drops_each_buckets_ragged_batch_only():
+    lens = np.full(300, 10)
+    kwargs = dict(batch_tokens=160, bucket_size=100, size_multiple=8, seed=1)
+    kept = TokenBucketSampler(lens, **kwargs).epoch(0)
+    assert len(kept) == 21 and sorted(np.concatenate(kept).tolist()) == list(range(300))
+    assert sorted(len(b) for b in kept) == [4] * 3 + [16] * 18
+    dropped = TokenBucketSampler(lens, drop_last=True, **kwargs).epoch(0)
+    assert [len(b) for b in dropped] == [16] * 18
+    assert len(set(np.concatenate(dropped).tolist())) == 288
+
 def test_token_budget_too_small_is_refused():
     with pytest.raises(ValueError, match="cannot hold 8 examples"):
         TokenBucketSampler([100, 20], batch_tokens=500)

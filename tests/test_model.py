@@ -11,9 +11,11 @@ from uniter_fast.model import UniterForPretraining, UniterModel
 from helpers import random_samples, tiny_config
 
 
-def original_forward(model: UniterModel, texts, regions, img_masks=None) -> list[torch.Tensor]:
+def original_forward(model: UniterModel, texts, regions, img_masks=None, token_types=None,
+                     img_types=None) -> list[torch.Tensor]:
     """The original's computation: padded text and image embeddings, compacted with gather_index, additive -10000
-    key mask, explicit softmax attention, post-LN layers. Returns each sample's (L_b, H) outputs."""
+    key mask, explicit softmax attention, post-LN layers. Returns each sample's (L_b, H) outputs.
+    token_types / img_types: per-sample type ids (default 0 for text, 1 for regions, as the original)."""
     B = len(texts)
     H = model.config.hidden_size
     tl = [len(t) for t in texts]
@@ -23,8 +25,14 @@ def original_forward(model: UniterModel, texts, regions, img_masks=None) -> list
     feat = torch.zeros(B, max_nb, model.config.img_dim)
     pos = torch.zeros(B, max_nb, 7)
     masks = torch.zeros(B, max_nb, dtype=torch.long)
+    ttypes = torch.zeros(B, max_tl, dtype=torch.long)
+    itypes = torch.ones(B, max_nb, dtype=torch.long)
     for b in range(B):
         ids[b, :tl[b]] = texts[b]
+        if token_types is not None:
+            ttypes[b, :tl[b]] = torch.as_tensor(token_types[b]).long()
+        if img_types is not None and nb[b]:
+            itypes[b, :nb[b]] = torch.as_tensor(img_types[b]).long()
         if nb[b]:
             feat[b, :nb[b]] = regions[b][0]
             bb = regions[b][1]
@@ -34,13 +42,13 @@ def original_forward(model: UniterModel, texts, regions, img_masks=None) -> list
     e = model.embeddings
     position_ids = torch.arange(max_tl)[None].expand(B, -1)
     txt = e.LayerNorm(e.word_embeddings(ids) + e.position_embeddings(position_ids)
-                      + e.token_type_embeddings(torch.zeros_like(ids)))
+                      + e.token_type_embeddings(ttypes))
     ie = model.img_embeddings
     mask_table = ie.mask_embedding.weight.clone()
     mask_table[0] = 0
     feat = feat + mask_table[masks]
     img = ie.LayerNorm(ie.img_layer_norm(ie.img_linear(feat)) + ie.pos_layer_norm(ie.pos_linear(pos))
-                       + e.token_type_embeddings(torch.ones(B, max_nb, dtype=torch.long)))
+                       + e.token_type_embeddings(itypes))
     out_size = max(t + n for t, n in zip(tl, nb))
     gather = torch.arange(out_size)[None].repeat(B, 1)
     for b in range(B):
@@ -171,3 +179,85 @@ def test_text_longer_than_positions_is_refused():
     batch = pack_batch([torch.arange(9)], [None])
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model(batch)
+
+
+def test_packed_model_equals_original_with_every_parameter_perturbed_and_type_ids_given():
+    """Initialisation leaves every LayerNorm at 1/0 and every bias at 0 and the tests above use the default type
+    ids, so exchanging two LayerNorms, dropping a bias or ignoring given type ids would not show there."""
+    model = UniterModel(tiny_config()).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    texts, regions = random_samples(5, seed=8)
+    counts = [0 if r is None else r[0].shape[0] for r in regions]
+    token_types = [torch.randint(0, 2, (len(t),), generator=gen) for t in texts]
+    img_types = [torch.randint(0, 2, (n,), generator=gen) for n in counts]
+    masks = [torch.rand(n, generator=gen) < 0.5 for n in counts]
+    assert torch.cat(token_types).eq(1).any() and torch.cat(img_types).eq(0).any() and torch.cat(masks).any()
+    batch = pack_batch(texts, regions, token_type_ids=token_types, img_type_ids=img_types, img_masks=masks)
+    with torch.no_grad():
+        hidden = model(batch)
+        expected = original_forward(model, texts, regions, img_masks=masks, token_types=token_types,
+                                    img_types=img_types)
+        default = original_forward(model, texts, regions, img_masks=masks)
+    for b, (t, r) in enumerate(batch.split(hidden)):
+        torch.testing.assert_close(torch.cat([t, r]), expected[b], atol=5e-5, rtol=1e-5)
+    assert not torch.allclose(torch.cat(expected), torch.cat(default), atol=1e-2)  # the type ids matter here
+
+
+def test_the_mask_feature_is_learned_from_the_masked_regions_only():
+    model = UniterModel(tiny_config())
+    texts, regions = random_samples(3, seed=9, allow_empty_regions=False)
+    masks = [torch.arange(r[0].shape[0]) % 2 == 0 for r in regions]
+    batch = pack_batch(texts, regions, img_masks=masks)
+    batch.img_feat.requires_grad_(True)
+    hidden = model(batch)
+    (hidden * torch.randn(hidden.shape)).sum().backward()
+    grad = model.img_embeddings.mask_embedding.weight.grad
+    assert grad[0].eq(0).all()  # the padding row stays zero
+    assert grad[1].abs().max() > 0
+    # row 1 is added to each masked region's features: its gradient is the sum of theirs
+    torch.testing.assert_close(grad[1], batch.img_feat.grad[batch.img_masks].sum(0))
+
+
+def test_initialisation_is_the_originals():
+    """N(0, initializer_range) weights, zero biases, LayerNorm 1/0 with eps 1e-12, on the trunk and the heads."""
+    config = tiny_config(hidden_size=64, intermediate_size=128, vocab_size=200, initializer_range=0.02)
+    assert config.layer_norm_eps == 1e-12
+    model = UniterForPretraining(config)
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            assert module.eps == 1e-12, name
+            assert module.weight.eq(1).all() and module.bias.eq(0).all(), name
+            seen.add("ln")
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            if getattr(module, "bias", None) is not None:
+                assert module.bias.eq(0).all(), name
+            if module.weight.numel() >= 1000:
+                assert module.weight.mean().item() == pytest.approx(0.0, abs=0.003), name
+                assert module.weight.std().item() == pytest.approx(0.02, rel=0.1), name
+            seen.add(type(module).__name__)
+    assert seen == {"ln", "Linear", "Embedding"}
+
+
+def test_text_of_exactly_max_position_embeddings_is_accepted():
+    model = UniterModel(tiny_config(max_position_embeddings=8)).eval()
+    batch = pack_batch([torch.arange(8)], [(torch.randn(2, 24), torch.rand(2, 6))])
+    with torch.no_grad():
+        hidden = model(batch)
+    assert hidden.shape == (10, 32) and torch.isfinite(hidden).all()
+
+
+def test_fp16_region_features_give_the_fp32_result():
+    """Features stay fp16 as stored; the embedding casts them to the model's dtype."""
+    model = UniterModel(tiny_config()).eval()
+    texts, regions = random_samples(3, seed=10, allow_empty_regions=False)
+    half = [(f.half(), b) for f, b in regions]
+    batch16 = pack_batch(texts, half)
+    assert batch16.img_feat.dtype == torch.float16
+    batch32 = pack_batch(texts, [(f.float(), b) for f, b in half])
+    with torch.no_grad():
+        assert torch.equal(model(batch16), model(batch32))
+

@@ -89,3 +89,41 @@ def test_packed_regions_are_taken_without_a_copy():
     assert got.img_feat.data_ptr() == features.data_ptr()  # the gathered buffer itself
     with pytest.raises(ValueError, match="do not hold the counts"):
         pack_batch(texts, PackedRegions(features, boxes7, [c + 1 for c in counts]))
+
+
+def test_packed_regions_with_six_column_boxes_get_the_area():
+    texts, regions = random_samples(4, seed=8, allow_empty_regions=False)
+    counts = [r[0].shape[0] for r in regions]
+    boxes6 = torch.cat([r[1] for r in regions])
+    got = pack_batch(texts, PackedRegions(torch.cat([r[0] for r in regions]), boxes6, counts))
+    assert got.img_pos.shape == (sum(counts), 7)
+    assert torch.equal(got.img_pos[:, :6], boxes6)
+    assert torch.allclose(got.img_pos[:, 6], boxes6[:, 4] * boxes6[:, 5])
+    assert torch.equal(got.img_pos, pack_batch(texts, regions).img_pos)
+
+
+def test_fp16_features_are_kept_as_stored():
+    """A text-only sample first must not decide the features' dtype or width."""
+    texts, regions = random_samples(3, seed=9, allow_empty_regions=False)
+    regions = [None] + [(f.half(), b) for f, b in regions[1:]]
+    batch = pack_batch(texts, regions)
+    assert batch.img_feat.dtype == torch.float16 and batch.img_feat.shape[1] == 24
+    assert torch.equal(batch.img_feat, torch.cat([r[0] for r in regions[1:]]))
+    assert batch.img_pos.dtype == torch.float32
+
+
+def test_given_type_ids_and_masks_are_packed_in_sample_order():
+    texts, regions = random_samples(5, seed=10)
+    counts = [0 if r is None else r[0].shape[0] for r in regions]
+    rng = np.random.default_rng(0)
+    token_types = [rng.integers(0, 2, size=len(t)) for t in texts]
+    img_types = [rng.integers(0, 2, size=n) for n in counts]
+    masks = [rng.random(n) < 0.5 for n in counts]
+    batch = pack_batch(texts, regions, token_type_ids=token_types, img_type_ids=img_types, img_masks=masks)
+    assert batch.token_type_ids.tolist() == np.concatenate(token_types).tolist()
+    assert batch.img_type_ids.tolist() == np.concatenate(img_types).tolist()
+    assert batch.img_masks.dtype == torch.bool and batch.img_masks.tolist() == np.concatenate(masks).tolist()
+    assert 0 < batch.token_type_ids.sum() < len(batch.token_type_ids)  # the test would see them ignored
+    assert 0 < batch.img_type_ids.sum() < len(batch.img_type_ids)
+    with pytest.raises(ValueError, match="sample 0: token_type_ids shape"):
+        pack_batch(texts, regions, token_type_ids=[t[:-1] for t in token_types])
