@@ -261,3 +261,15 @@ def test_fp16_region_features_give_the_fp32_result():
     with torch.no_grad():
         assert torch.equal(model(batch16), model(batch32))
 
+
+def test_a_text_only_batch_runs_on_a_model_of_any_region_width():
+    """pack_batch cannot know the model's img_dim when no sample has regions (it takes 2048): the model's width
+    serves, and each text-only sample gives what it gives in a batch with images."""
+    model = UniterModel(tiny_config()).eval()
+    assert model.config.img_dim != 2048
+    texts, regions = random_samples(3, seed=11, allow_empty_regions=False)
+    with torch.no_grad():
+        alone = model(pack_batch(texts[:2], [None, None]))
+        mixed = model(pack_batch(texts, [None, None, regions[2]]))
+    assert alone.shape == (len(texts[0]) + len(texts[1]), model.config.hidden_size)
+    torch.testing.assert_close(alone, mixed[:alone.shape[0]])

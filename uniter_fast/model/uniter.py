@@ -52,7 +52,10 @@ class UniterModel(nn.Module):
                              f"({self.config.max_position_embeddings})")
         text = self.embeddings(batch.input_ids, batch.position_ids, batch.token_type_ids)
         types = self.embeddings.token_type_embeddings(batch.img_type_ids)
-        regions = self.img_embeddings(batch.img_feat, batch.img_pos, types, batch.img_masks)
+        feat = batch.img_feat
+        if feat.shape[0] == 0 and feat.shape[1] != self.config.img_dim:  # a text-only batch: the packer took a
+            feat = feat.new_zeros(0, self.config.img_dim)                 # default width, not knowing the model's
+        regions = self.img_embeddings(feat, batch.img_pos, types, batch.img_masks)
         return torch.cat([text, regions.to(text.dtype)]).index_select(0, batch.gather_index)
 
     def forward(self, batch: PackedBatch, output_attentions: bool = False):
