@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,95 @@ def test_nothing_attends_across_samples():
         torch.testing.assert_close(a[others], b[others], atol=0, rtol=0)
 
 
+def test_gradients_reach_k_and_v_when_q_needs_none():
+    """A call where only k or only v needs a gradient is a training call: it keeps autograd and gives the
+    reference's gradient, not the evaluation shortcut's graph-less output."""
+    q, k, v, cu = packed([6, 0, 11], dtype=torch.float32)
+    grad = torch.randn_like(q)
+    _, _, dk_ref, dv_ref = reference_and_grads(q, k, v, cu, grad)
+    for wanted, expected in (("k", dk_ref), ("v", dv_ref)):
+        inputs = {"q": q, "k": k, "v": v}
+        inputs[wanted] = inputs[wanted].detach().requires_grad_()
+        out = attention.varlen_attention(*inputs.values(), cu, 11, backend="triton")
+        assert out.requires_grad, wanted
+        (got,) = torch.autograd.grad(out, inputs[wanted], grad)
+        torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=1e-4, msg=lambda m: f"d{wanted}: {m}")
+
+
+def test_inputs_and_gradients_with_strided_last_dims():
+    """q, k, v whose head_dim is not the contiguous dim, and incoming gradients of any layout (out.sum()'s is an
+    expanded tensor of stride 0): the reference's output and gradients."""
+    lens = [5, 0, 17, 1]
+    total, heads, d = sum(lens), 2, 16
+    cu = packed(lens)[3]
+    q, k, v = (torch.randn(total, d, heads).transpose(1, 2) for _ in range(3))  # stride(-1) == heads
+    assert q.stride(-1) != 1
+    transposed_grad = torch.randn(total, d, heads).transpose(1, 2)
+    for grad in (transposed_grad, torch.ones(1, 1, 1).expand(total, heads, d)):
+        expected = reference_and_grads(q, k, v, cu, grad)
+        got = triton_and_grads(q, k, v, cu, grad)
+        for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+            torch.testing.assert_close(g.double(), e, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    qs = q.detach().requires_grad_()
+    attention.varlen_attention(qs, k, v, cu, 17, backend="triton").sum().backward()  # autograd's own expanded grad
+    torch.testing.assert_close(qs.grad.double(), reference_and_grads(q, k, v, cu, torch.ones_like(q))[1],
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_qkv_call_on_a_non_contiguous_projection():
+    """varlen_attention_qkv on a qkv that is a slice of a wider tensor: the three-tensor call's output and
+    gradients, the gradient shaped like qkv."""
+    q, k, v, cu = packed([5, 0, 17, 1], dtype=torch.float32)
+    wide = torch.cat([torch.stack([q, k, v], 1), torch.randn(q.shape[0], 3, q.shape[1], 8)], -1)
+    qkv = wide[..., :q.shape[-1]].detach().requires_grad_()
+    assert not qkv.is_contiguous() and qkv.stride(-1) == 1
+    grad = torch.randn_like(q)
+    out = attention.varlen_attention_qkv(qkv, cu, 17, attention.AttentionOptions(backend="triton"))
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    expected = reference_and_grads(q, k, v, cu, grad)
+    torch.testing.assert_close(out.double(), expected[0], atol=2e-5, rtol=1e-4)
+    assert got.shape == qkv.shape
+    torch.testing.assert_close(got.double(), torch.stack(expected[1:], 1), atol=2e-5, rtol=1e-4)
+
+
+def test_softmax_scale_reaches_every_entry_point():
+    """softmax_scale given through varlen_attention_qkv's options and the module (forward and from_qkv) is the one
+    used, forward and backward; the module's attention maps are each sample's own, at that scale, and are the
+    weights of its output."""
+    scale, lens = 0.37, [5, 0, 17, 1]
+    q, k, v, cu = packed(lens, dtype=torch.float32)
+    grad = torch.randn_like(q)
+    expected = reference_and_grads(q, k, v, cu, grad, softmax_scale=scale)
+    options = attention.AttentionOptions(softmax_scale=scale, backend="triton")
+    qkv = torch.stack([q, k, v], 1).requires_grad_()
+    out = attention.varlen_attention_qkv(qkv, cu, 17, options)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    torch.testing.assert_close(out.double(), expected[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(dqkv.double(), torch.stack(expected[1:], 1), atol=2e-5, rtol=1e-4)
+    module = attention.VarlenAttention(options).eval()
+    bounds = cu.tolist()
+    for name, (out, maps) in (("forward", module(q, k, v, cu, 17, probs=True)),
+                              ("from_qkv", module.from_qkv(qkv, cu, 17, probs=True))):
+        torch.testing.assert_close(out.double(), expected[0], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        assert len(maps) == len(lens), name
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            scores = torch.einsum("qhd,khd->hqk", q[lo:hi].double(), k[lo:hi].double()) * scale
+            torch.testing.assert_close(maps[b].double(), scores.softmax(-1), atol=1e-6, rtol=1e-5,
+                                       msg=lambda m: f"{name} map {b}: {m}")
+            torch.testing.assert_close(torch.einsum("hqk,khd->qhd", maps[b], v[lo:hi]), out[lo:hi].detach(),
+                                       atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} map {b} against out: {m}")
+
+
+def test_a_batch_without_rows():
+    """Samples that are all empty, or none at all: empty outputs and gradients."""
+    for lens in ([0, 0], []):
+        q, k, v, cu = packed(lens, dtype=torch.float32)
+        inputs = tuple(t.requires_grad_() for t in (q, k, v))
+        out = attention.varlen_attention(*inputs, cu, 0, backend="triton")
+        for g in (out, *torch.autograd.grad(out, inputs, torch.randn_like(q))):
+            assert g.shape == (0, 2, 16) and g.dtype == torch.float32, lens
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_error_is_within_twice_the_reference_paths(dtype):
     """DESIGN.md's rule: the error against fp64 at most twice that of the torch path in the same dtype.
@@ -252,6 +342,20 @@ def test_dropout_mask_statistics():
     assert not torch.equal(mask[0], mask[1])
 
 
+def test_every_sample_and_head_draws_its_own_dropout_mask():
+    """Samples of one length: no two (sample, head) pairs share a mask (each keys its own Philox stream), and any
+    two agree where independent draws would (p^2 + (1-p)^2 of the entries)."""
+    from uniter_fast.kernels import attention_triton
+
+    p, n = 0.25, 24
+    cu = torch.arange(4, dtype=torch.int32) * n
+    masks = attention_triton.dropout_keep_mask(cu, 3, n, p, seed=11).flatten(0, 1)  # 9 (sample, head) pairs
+    for i in range(len(masks)):
+        for j in range(i):
+            agree = (masks[i] == masks[j]).float().mean().item()
+            assert abs(agree - (p * p + (1 - p) ** 2)) < 0.12, (divmod(i, 3), divmod(j, 3), agree)
+
+
 def test_dropout_seed_lives_on_the_device_and_bad_seeds_are_refused(monkeypatch):
     """The call draws its seed as one int64 tensor on the inputs' device (the kernels read it from memory); the
     launchers take such a tensor or an int, and refuse anything else by name."""
@@ -305,6 +409,15 @@ def test_dropout_is_reproducible_with_a_seed_and_unbiased():
     (lambda a: {**a, "max_seqlen": 7.0}, "max_seqlen"),
     (lambda a: {**a, "dropout_p": 1.0}, "dropout_p"),
     (lambda a: {**a, "softmax_scale": -1.0}, "softmax_scale"),
+    (lambda a: {**a, "softmax_scale": float("inf")}, "softmax_scale"),
+    (lambda a: {**a, "softmax_scale": 0.0}, "softmax_scale"),
+    (lambda a: {**a, "dropout_p": -0.1}, "dropout_p"),
+    (lambda a: {**a, "dropout_p": float("nan")}, "dropout_p"),
+    (lambda a: {**a, "max_seqlen": -1}, "max_seqlen"),
+    (lambda a: {**a, "max_seqlen": True}, "max_seqlen"),
+    (lambda a: {**a, "cu_seqlens": torch.tensor([0, 9, 7, 12], dtype=torch.int32)}, "rise from 0"),  # falls
+    (lambda a: {**a, "cu_seqlens": torch.tensor([2, 5, 12], dtype=torch.int32)}, "rise from 0"),  # not from 0
+    (lambda a: {**a, "cu_seqlens": torch.tensor([[0, 5, 12]], dtype=torch.int32)}, "cu_seqlens"),
 ])
 def test_bad_arguments_name_themselves(change, message):
     q, k, v, cu = packed([5, 7], dtype=torch.float32)
@@ -349,6 +462,51 @@ def test_module_applies_dropout_only_in_training():
     torch.testing.assert_close(module(q, k, v, cu, 12), attention.varlen_attention(q, k, v, cu, 12, backend="triton"))
     module.train()
     assert not torch.equal(module(q, k, v, cu, 12), module.eval()(q, k, v, cu, 12))
+
+
+def test_module_from_qkv_applies_dropout_only_in_training():
+    q, k, v, cu = packed([12, 7], dtype=torch.float32)
+    qkv = torch.stack([q, k, v], 1)
+    module = attention.VarlenAttention(attention.AttentionOptions(dropout_p=0.5, backend="triton")).eval()
+    plain = attention.varlen_attention(q, k, v, cu, 12, backend="triton")
+    torch.testing.assert_close(module.from_qkv(qkv, cu, 12), plain, atol=0, rtol=0)
+    assert module.options.dropout_p == 0.5  # eval leaves the options as they were
+    module.train()
+    assert not torch.equal(module.from_qkv(qkv, cu, 12), plain)
+
+
+def test_xformers_backend_passes_mask_scale_and_dropout(monkeypatch):
+    """The xformers wrapper, with memory_efficient_attention replaced by exact attention under the bias it is
+    given: the block-diagonal mask of the packed samples (an empty one among them), the scale and dropout_p as
+    called (the module's eval gives 0, its deterministic=True refuses)."""
+    from uniter_fast.kernels import attention_xformers
+
+    if attention_xformers._import_error() is not None:
+        pytest.skip(attention_xformers._import_error())
+    import xformers.ops as xops
+
+    calls = []
+
+    def exact(query, key, value, attn_bias=None, p=0.0, scale=None):
+        calls.append((p, scale))
+        bias = attn_bias.materialize((query.shape[1], key.shape[1]), dtype=query.dtype)
+        scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * scale + bias
+        return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), value)
+
+    monkeypatch.setattr(attention_xformers, "unavailable", lambda q: None)
+    monkeypatch.setattr(xops, "memory_efficient_attention", exact)
+    q, k, v, cu = packed([5, 0, 17, 1], dtype=torch.float32)
+    for scale, p in ((None, 0.0), (0.37, 0.2)):
+        out = attention.varlen_attention(q, k, v, cu, 17, softmax_scale=scale, dropout_p=p, backend="xformers")
+        assert calls.pop() == (p, pytest.approx(scale or 16 ** -0.5))
+        torch.testing.assert_close(out, reference.varlen_attention_ref(q, k, v, cu, 17, softmax_scale=scale),
+                                   atol=1e-5, rtol=1e-4)
+    options = attention.AttentionOptions(dropout_p=0.2, backend="xformers")
+    attention.VarlenAttention(options).eval()(q, k, v, cu, 17)
+    assert calls.pop() == (0.0, pytest.approx(16 ** -0.5))
+    with pytest.raises(backend.BackendUnavailable, match="deterministic=True"):
+        attention.VarlenAttention(replace(options, deterministic=True))(q, k, v, cu, 17)
+    assert not calls
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,6 +558,29 @@ def test_attention_maps_per_sample(tmp_path):
     torch.testing.assert_close(samples[0].probs[0], expected.detach())
     plot_attention(samples[0], tmp_path / "map.png", layer=0)
     assert (tmp_path / "map.png").stat().st_size > 1000
+
+
+def test_attention_maps_of_every_layer_and_sample():
+    """maps[layer][sample] is that layer's softmax(q k^T / sqrt(d)) over that sample's own rows, q and k projected
+    from the layer's own input (captured by a hook)."""
+    from helpers import random_batch, tiny_config
+    from uniter_fast.model import UniterModel
+
+    batch, _, _ = random_batch(4, seed=6)
+    model = UniterModel(tiny_config(backend="triton", num_hidden_layers=3)).eval()
+    inputs = []
+    for layer in model.encoder.layer:
+        layer.attention.self.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
+    with torch.no_grad():
+        _, maps = model(batch, output_attentions=True)
+    assert len(maps) == len(inputs) == 3
+    bounds = batch.cu_seqlens.tolist()
+    for i, (layer_maps, (attn, x)) in enumerate(zip(maps, inputs)):
+        with torch.no_grad():
+            q, k, _ = attn.projections(x).unbind(1)
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            expected = (torch.einsum("qhd,khd->hqk", q[lo:hi], k[lo:hi]) / attn.head_dim ** 0.5).softmax(-1)
+            torch.testing.assert_close(layer_maps[b], expected, msg=lambda m: f"layer {i} sample {b}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -511,6 +692,16 @@ def test_compiled_attention_draws_its_dropout_like_eager():
     assert not torch.equal(ours[0], _attend_and_grads(compiled, q, k, v, cu, grad, dropout_p=0.3)[0])  # new seed
 
 
+def test_compiled_attention_uses_the_softmax_scale_given():
+    compiled = _compiled(lambda q, k, v, cu, n: attention.varlen_attention(q, k, v, cu, n, softmax_scale=0.37,
+                                                                            backend="triton"))
+    q, k, v, cu = packed([6, 0, 9], dtype=torch.float32)
+    grad = torch.randn_like(q)
+    expected = reference_and_grads(q, k, v, cu, grad, softmax_scale=0.37)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), _attend_and_grads(compiled, q, k, v, cu, grad), expected):
+        torch.testing.assert_close(g.double(), e, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_custom_ops_keep_their_contract():
     """torch.library.opcheck: schema, fake tensors (shapes and strides, a transposed q too), autograd registration
     and AOT dispatch of the ops a compiled graph calls."""
@@ -524,6 +715,20 @@ def test_custom_ops_keep_their_contract():
         backward_args = (torch.randn_like(out), *(t.detach() for t in args[:3]), out.detach(), lse.detach(), cu,
                          seed, 6, 0.25, p)
         torch.library.opcheck(attention._attention_backward_op, backward_args)
+
+
+def test_custom_ops_keep_their_contract_in_fp16():
+    """The fakes in a 16-bit dtype: out in q's dtype, lse in fp32, as the kernels give them."""
+    q, k, v, cu = packed([6, 0, 3], dtype=torch.float16)
+    seed = torch.tensor(5, dtype=torch.int64)
+    args = tuple(t.requires_grad_() for t in (q, k, v)) + (cu, seed, 6, 0.25, 0.0)
+    torch.library.opcheck(attention._attention_op, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = attention._attention_op(*args)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    backward_args = (torch.randn_like(out), *(t.detach() for t in args[:3]), out.detach(), lse.detach(), cu, seed,
+                     6, 0.25, 0.0)
+    torch.library.opcheck(attention._attention_backward_op, backward_args, test_utils=("test_schema",
+                                                                                       "test_faketensor"))
 
 
 def test_compiled_attention_refuses_bad_offsets_naming_them():
