@@ -281,11 +281,53 @@ def test_ipot_validation(args: tuple, kwargs: dict, error: type, match: str) -> 
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"eps": 0.0}, "eps"), ({"eps": float("nan")}, "eps"), ({"eps": 0.1, "iterations": 0}, "iterations")],
+    [({"eps": 0.0}, "eps"), ({"eps": float("nan")}, "eps"), ({"eps": 0.1, "iterations": 0}, "iterations"),
+     ({"eps": 0.1, "tol": 0.0}, "tol must be finite and > 0")],
 )
 def test_sinkhorn_validation(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ot.sinkhorn(_C, _T, _R, **kwargs)
+
+
+@pytest.mark.parametrize("tol,error", [(0.0, ValueError), (-1e-3, ValueError), (float("inf"), ValueError),
+                                       ("1e-3", TypeError)])
+def test_ipot_tolerance_validation(tol: object, error: type) -> None:
+    # a tolerance the kernel would compare against without complaint (tol <= 0: it never stops)
+    with pytest.raises(error, match="tol must be"):
+        ot.ipot(_C, _T, _R, tol=tol)
+    with pytest.raises(error, match="tol must be"):
+        ot.ipot(_C, _T, _R, tol=tol, log_domain=True, backend="torch")
+
+
+def test_reference_counts_are_int32_per_problem(gen: torch.Generator) -> None:
+    """The torch backend runs every iteration and reports it like the kernels: int32 (B,), 0 for empty problems."""
+    sizes = [(3, 4), (0, 2), (2, 0), (1, 1)]
+    cost, text_lens, region_lens = padded_batch(sizes, gen=gen, pad_value=0.0)
+    for dist, counts in (ot.ipot(cost, text_lens, region_lens, iterations=7, tol=1e-3, backend="torch"),
+                         ot.sinkhorn(cost, text_lens, region_lens, eps=0.1, iterations=7, tol=1e-3, backend="torch")):
+        assert counts.dtype == torch.int32 and counts.tolist() == [7, 0, 0, 7]
+        assert dist.shape == (4,)
+
+
+def test_pad_rows_gathers_and_zeroes_beyond_lens(gen: torch.Generator) -> None:
+    """pad_rows (the torch path of the packed WRA): rows starts[b] .. + lens[b], zeros beyond (although the rows
+    after a sample's own are other samples' rows), and gradients only into the gathered rows."""
+    x = torch.randn(10, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    starts, lens = torch.tensor([0, 4, 9, 2]), torch.tensor([3, 5, 1, 0])
+    out = reference.pad_rows(x, starts, lens, 5)
+    assert out.shape == (4, 5, 3)
+    expected = torch.zeros(4, 5, 3, dtype=torch.float64)
+    for b, (start, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        expected[b, :n] = x.detach()[start:start + n]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    weights = torch.randn(4, 5, 3, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    want = torch.zeros(10, 3, dtype=torch.float64)
+    for b, (start, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        want[start:start + n] += weights[b, :n]
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    empty = reference.pad_rows(x[:0], torch.tensor([0, 0]), torch.tensor([0, 0]), 2)
+    assert empty.shape == (2, 2, 3) and bool((empty == 0).all())
 
 
 def test_lens_on_another_device() -> None:

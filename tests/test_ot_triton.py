@@ -311,6 +311,23 @@ def test_shrunk_tiles_match_the_full_tile_and_the_reference(gen: torch.Generator
         kernels.transport_cost(cost, text_lens, region_lens, solve, tune={"PROBS": 2})
 
 
+def test_half_tile_boundary_on_each_side(gen: torch.Generator) -> None:
+    """SHRINK takes a half tile on a side only while the problem fits it: 32 rows or columns of the 64 x 64 tile do,
+    33 do not (the row or column past the half tile would be dropped), on either side."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    sizes = [(32, 33), (33, 32), (32, 32), (33, 33), (5, 40)]
+    cost, text_lens, region_lens = cost_batch(sizes, gen=gen)
+    cost = cost.float()
+    assert kernels._config(len(sizes), cost.shape[1], cost.shape[2], None)["SHRINK"]
+    solve = kernels.Solve("ipot", scale=2.0, iterations=6)
+    dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True)
+    expected = reference.ipot_plan_ref(cost.double(), text_lens, region_lens, beta=0.5, iterations=6)
+    assert_plan(plan, expected, text_lens, region_lens)
+    torch.testing.assert_close(dist.double(), reference.transport_distance_ref(cost.double(), expected),
+                               rtol=1e-5, atol=1e-7)
+
+
 def envelope_case(text, regions, text_lens, region_lens, gen: torch.Generator) -> tuple:
     """For the cosine backward: the vectors' Rows, the forward's plan and grad_stats (IPOT, 8 iterations), random
     fp32 weights per problem, and the fp64 gradients of sum_b weight_b dist_b with that plan held constant."""
@@ -370,6 +387,23 @@ def test_cosine_backward_over_split_dims_and_half_tiles(gen: torch.Generator, mo
                                   want_plan=True, stats=stats.double())
 
 
+def test_cosine_backward_below_the_norm_floor(gen: torch.Generator) -> None:
+    """A vector shorter than F.normalize's eps (1e-5) but not zero: its normalisation is x / eps, a linear map, so the
+    plan-weighted cosine term (rdot x^) drops from its gradient; the fp64 autograd of the reference says so."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    text, regions, text_lens, region_lens = vectors(SIZES_B, gen=gen, dim=20, dtype=torch.float32)
+    text[0, 1] *= 1e-7  # norms about 4e-7: far below the floor, far above fp32's smallest normal
+    regions[3, 2] *= 1e-7
+    rows, plan, stats, weights, expected = envelope_case(text, regions, text_lens, region_lens, gen)
+    assert stats[0, 0, 1].item() == pytest.approx(1e5)  # the forward's inverse norm is 1 / eps there
+    grads = kernels.cosine_backward(*rows, text_lens, region_lens, plan, stats, weights)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    # those rows' gradients are the large -g T y^ / eps, not zero: the case is not vacuous
+    assert expected[0][0, 1].abs().max().item() > 1.0 and expected[1][3, 2].abs().max().item() > 1.0
+
+
 def test_unrolled_gradient_gradcheck(gen: torch.Generator) -> None:
     text, regions, text_lens, region_lens = vectors([(3, 2), (2, 3), (1, 2)], gen=gen, dim=4)
     text.requires_grad_()
@@ -409,6 +443,114 @@ def test_tolerance_stops_each_problem_early(gen: torch.Generator, method: str) -
     counts_ref = ot.wra_distance(*args, iterations=7, tol=1e-3, method=method, backend="torch",
                                  **METHOD_ARGS[method])[1]
     assert counts_ref.tolist() == [0 if e else 7 for e in empty.tolist()]
+
+
+def test_unrolled_gradient_on_the_triton_backend(gen: torch.Generator) -> None:
+    """grad='unrolled' runs the reference loop under autograd whatever the backend: backend='triton' must not
+    quietly give the envelope gradient."""
+    text, regions, text_lens, region_lens = vectors([(3, 2), (2, 3), (1, 2)], gen=gen, dim=4, dtype=torch.float32)
+    grads = {}
+    for name, grad in (("triton", "unrolled"), ("torch", "unrolled"), ("triton", "envelope")):
+        t, r = text.clone().requires_grad_(), regions.clone().requires_grad_()
+        dist = ot.wra_distance(t, r, text_lens, region_lens, iterations=4, grad=grad, backend=name)
+        grads[name, grad] = torch.autograd.grad(dist.sum(), (t, r))
+    for got, want in zip(grads["triton", "unrolled"], grads["torch", "unrolled"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (grads["triton", "unrolled"][0] - grads["triton", "envelope"][0]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+def test_tolerance_with_several_problems_per_program(gen: torch.Generator, method: str) -> None:
+    """From a cost, one program solves the whole batch: a problem that converged keeps its state while its
+    neighbours iterate on, and every nonempty problem stops (a single row or column is exact after one iteration)."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    cost, text_lens, region_lens = cost_batch(SIZES_B, gen=gen)
+    cost = cost.float()
+    assert kernels._config(len(SIZES_B), cost.shape[1], cost.shape[2], None)["PROBS"] >= len(SIZES_B)
+
+    def solve(**kwargs):
+        if method == "sinkhorn_log":
+            return ot.sinkhorn(cost, text_lens, region_lens, eps=0.1, return_plan=True, backend="triton", **kwargs)
+        return ot.ipot(cost, text_lens, region_lens, log_domain=method == "ipot_log", return_plan=True,
+                       backend="triton", **kwargs)
+
+    dist, plan, counts = solve(iterations=60, tol=1e-3)
+    assert counts.dtype == torch.int32
+    assert counts[[1, 2, 4]].tolist() == [1, 1, 0]  # (13, 1) and (1, 1) exact at once; (0, 0) empty
+    assert 1 < int(counts[0]) < 60 and 1 < int(counts[3]) < 60 and int(counts[0]) != int(counts[3])
+    for b, count in enumerate(counts.tolist()):
+        fixed_dist, fixed_plan = solve(iterations=max(count, 1))
+        torch.testing.assert_close(plan[b], fixed_plan[b], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(dist[b], fixed_dist[b], rtol=1e-6, atol=1e-9)
+
+
+def test_gradient_into_one_side_only(gen: torch.Generator) -> None:
+    """Frozen text (or regions), trained other side: the fused backward still runs, with the same gradient as
+    when both sides ask for one."""
+    text, regions, text_lens, region_lens = vectors(SIZES_B, gen=gen, dtype=torch.float32)
+    weights = torch.randn(len(SIZES_B), generator=gen)
+
+    def grads(text_grad: bool, region_grad: bool):
+        t, r = text.clone().requires_grad_(text_grad), regions.clone().requires_grad_(region_grad)
+        dist = ot.wra_distance(t, r, text_lens, region_lens, iterations=6, backend="triton")
+        wanted = [x for x in (t, r) if x.requires_grad]
+        return torch.autograd.grad((dist * weights).sum(), wanted)
+
+    both = grads(True, True)
+    torch.testing.assert_close(grads(False, True)[0], both[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads(True, False)[0], both[0], rtol=0, atol=0)
+
+
+def test_packed_starts_may_be_strided(gen: torch.Generator) -> None:
+    """Starts taken as columns of one (B, 2) tensor are strided views: the kernels index starts flat, so the
+    launchers must make them contiguous (forward and backward)."""
+    text_lens, region_lens = lens_of(SIZES)
+    offsets, row = [], 0
+    for m, n in SIZES:
+        offsets.append((row, row + m))
+        row += m + n + 1
+    offsets = torch.tensor(offsets)
+    assert not offsets[:, 0].is_contiguous()
+    hidden = torch.randn(row, 12, generator=gen)
+    results = []
+    for starts in ((offsets[:, 0], offsets[:, 1]), (offsets[:, 0].contiguous(), offsets[:, 1].contiguous())):
+        h = hidden.clone().requires_grad_()
+        dist = ot.wra_distance_packed(h, starts[0], text_lens, starts[1], region_lens, 14, 12, iterations=6,
+                                      backend="triton")
+        results.append((dist, torch.autograd.grad(dist.sum(), h)[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_dot_precision_rule() -> None:
+    """The products' precision per dtype (kernels' doc): exact fp32 products for fp32 inputs and for fp16's backward
+    (tf32 would cost the cosine three digits; the interpreter cannot tell them apart, so the rule is checked
+    here), fp16 operands forward; bf16 on tensor cores except in the interpreter (its bf16 dot gives NaN)."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    assert kernels._dot_precision(torch.float32, False) == "ieee"
+    assert kernels._dot_precision(torch.float32, True) == "ieee"
+    assert kernels._dot_precision(torch.float16, False) == "tf32"
+    assert kernels._dot_precision(torch.float16, True) == "ieee"
+    assert kernels._dot_precision(torch.bfloat16, False) == ("ieee" if backend.interpreting() else "tf32")
+    # fp16's exact backward takes fp32's launch
+    fp16_rule, fp16_precision = kernels.backward_launch(64, 60, 100, 768, torch.float16)
+    fp32_rule, fp32_precision = kernels.backward_launch(64, 60, 100, 768, torch.float32)
+    assert fp16_precision == fp32_precision == "ieee" and fp16_rule == fp32_rule
+
+
+def test_sinkhorn_ignores_inner_steps(gen: torch.Generator) -> None:
+    """Solve.k is IPOT's: a Sinkhorn solve given k runs one update of each potential per iteration."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    one = kernels.transport_cost(cost.float(), text_lens, region_lens, kernels.Solve("sinkhorn_log", 10.0, 6),
+                                 want_plan=True)
+    three = kernels.transport_cost(cost.float(), text_lens, region_lens, kernels.Solve("sinkhorn_log", 10.0, 6, k=3),
+                                   want_plan=True)
+    torch.testing.assert_close(three[1], one[1], rtol=0, atol=0)
+    torch.testing.assert_close(three[0], one[0], rtol=0, atol=0)
 
 
 def test_packed_equals_padded(gen: torch.Generator) -> None:
@@ -515,6 +657,9 @@ _R = torch.tensor([5, 2])
         ((_X, _Y, _T, _R), {"grad": "implicit"}, ValueError, "grad must be one of envelope, unrolled"),
         ((_X, _Y, _T, _R), {"tol": 0.0}, ValueError, "tol must be finite and > 0"),
         ((_X, _Y, _T, _R), {"k": 0}, ValueError, "k must be >= 1"),
+        ((_X, _Y.to("meta"), _T, _R), {}, ValueError, "regions is on meta but text is on cpu"),
+        ((_X, _Y, _T, torch.tensor([5, 6])), {}, ValueError,
+         r"region_lens must lie in \[0, 5\] \(regions.shape\[1\]\)"),
     ],
 )
 def test_wra_validation(args: tuple, kwargs: dict, error: type, match: str) -> None:
@@ -530,6 +675,8 @@ def test_wra_validation(args: tuple, kwargs: dict, error: type, match: str) -> N
         ({"region_starts": torch.tensor([3, 9])}, ValueError, r"region_starts \+ region_lens must be <= 10"),
         ({"max_text_len": 2}, ValueError, r"text_lens must lie in \[0, 2\] \(max_text_len\)"),
         ({"max_regions": -1}, ValueError, "max_regions must be >= 0"),
+        ({"max_text_len": 3.0}, TypeError, "max_text_len must be an integer, got 3.0"),
+        ({"max_regions": True}, TypeError, "max_regions must be an integer, got True"),
         ({"region_lens": torch.tensor([4])}, ValueError, r"region_lens must be 1-D of length 2 \(text_lens' length\)"),
     ],
 )
