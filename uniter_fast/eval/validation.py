@@ -13,7 +13,9 @@ from uniter_fast.data.sampler import TokenBucketSampler
 @torch.no_grad()
 def validate(model, corpus: PretrainCorpus, tasks, *, batch_tokens: int, num_batches: int, options: MaskingOptions,
              device: torch.device, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Mean of each metric over `num_batches` batches per task (fixed masks and negatives for a seed)."""
+    """Each metric over up to `num_batches` batches per task (fixed masks and negatives for a seed), averaged as the
+    original's validation divides: over the masked words (MLM), masked regions (MRFR, MRC, MRC-kl) or pairs (ITM)
+    of all batches, each batch's mean weighted by its count."""
     was_training = model.training
     model.eval()
     batches = TokenBucketSampler(corpus.lens, batch_tokens=batch_tokens, seed=seed).epoch(0)[:num_batches]
@@ -21,10 +23,20 @@ def validate(model, corpus: PretrainCorpus, tasks, *, batch_tokens: int, num_bat
     for t, task in enumerate(tasks):
         rng = np.random.default_rng([seed, t])
         sums: dict[str, float] = defaultdict(float)
+        items = 0
         for indices in batches:
-            out = model(make_task_batch(corpus, task, indices, rng, options).to(device))
+            batch = make_task_batch(corpus, task, indices, rng, options)
+            count = _items(batch)
+            out = model(batch.to(device))
             for name, value in out.metrics.items():
-                sums[name] += float(value)
-        results[task] = {name: total / len(batches) for name, total in sums.items()}
+                sums[name] += float(value) * count
+            items += count
+        results[task] = {name: total / items for name, total in sums.items()}
     model.train(was_training)
     return results
+
+
+def _items(batch) -> int:
+    """What a task's per-batch means average over: masked words (MLM), masked regions (MRFR, MRC, MRC-kl) or
+    pairs (ITM)."""
+    return next(rows for rows in (batch.mlm_rows, batch.mrm_rows, batch.itm_labels) if rows is not None).numel()
