@@ -512,3 +512,149 @@ def test_a_failed_save_leaves_the_earlier_file(tmp_path, monkeypatch, name):
         save_checkpoint(perturb(model, seed=3), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+# key layouts and config inference --------------------------------------------------------------------------------
+def _as_bert_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The original's trunk under Hugging Face's `bert.` prefix, heads as they are."""
+    return {("bert." + k[len("uniter."):] if k.startswith("uniter.") else k): v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("layout", ["original", "bare trunk", "bert prefix", "ddp prefix", "decoder copy only"])
+def test_config_inferred_from_every_accepted_layout(layout):
+    """With config=None the sizes come from the shapes whatever the key layout; the word-embedding width is read
+    from the tied decoder's copy when the checkpoint carries only that one."""
+    sd = tiny_original_state_dict()
+    source = {
+        "original": lambda: dict(sd),
+        "bare trunk": lambda: {k[len("uniter."):]: v for k, v in sd.items() if k.startswith("uniter.")},
+        "bert prefix": lambda: _as_bert_names(sd),
+        "ddp prefix": lambda: {"module." + k: v for k, v in sd.items()},
+        "decoder copy only": lambda: {k: v for k, v in sd.items() if k != "uniter.embeddings.word_embeddings.weight"},
+    }[layout]()
+    model = UniterForPretraining.from_pretrained(source)
+    got = model.config
+    assert (got.vocab_size, got.hidden_size, got.num_hidden_layers, got.num_attention_heads, got.intermediate_size,
+            got.max_position_embeddings, got.type_vocab_size, got.img_dim, got.img_label_dim) == (
+        100, 64, 2, 1, 128, 512, 2, 2048, 1601)
+    loaded = model.state_dict()
+    for k, v in sd.items():
+        if layout != "bare trunk" or k.startswith("uniter."):  # a bare trunk has no heads
+            assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_ddp_and_compile_prefixes_load_exactly(prefix):
+    sd = tiny_original_state_dict()
+    model, report = UniterForPretraining.from_pretrained({prefix + k: v for k, v in sd.items()}, uniter_config(),
+                                                         strict=False)
+    assert report.ok and not report.initialized and not report.ignored, str(report)
+    loaded = model.state_dict()
+    assert loaded.keys() == sd.keys()
+    for k, v in sd.items():
+        assert torch.equal(loaded[k], v), k
+    assert_ties(model)
+
+
+def test_the_same_key_under_two_names_is_refused():
+    """Two checkpoint entries that map to one key (prefixed and not, `bert.` and `uniter.`, fused qkv and its
+    parts) must not load one of them silently."""
+    sd = tiny_original_state_dict()
+    sd["module.uniter.pooler.dense.weight"] = sd["uniter.pooler.dense.weight"] + 1.0
+    with pytest.raises(CheckpointError, match=r"uniter\.pooler\.dense\.weight and module\.uniter\.pooler\.dense\."
+                                              r"weight are the same key \(uniter\.pooler\.dense\.weight\)"):
+        UniterForPretraining.from_pretrained(sd, uniter_config(), strict=False)
+
+    sd = tiny_original_state_dict()
+    sd["bert.encoder.layer.0.output.dense.bias"] = sd["uniter.encoder.layer.0.output.dense.bias"]
+    with pytest.raises(CheckpointError, match=r"same key \(uniter\.encoder\.layer\.0\.output\.dense\.bias\)"):
+        UniterModel.from_pretrained(sd, uniter_config())
+
+    sd = tiny_original_state_dict()
+    sd["uniter.encoder.layer.1.attention.self.qkv.bias"] = torch.zeros(3 * 64)
+    with pytest.raises(CheckpointError, match=r"attention\.self\.qkv\.bias are the same key"):
+        UniterModel.from_pretrained(sd, uniter_config())
+
+
+# config: presets, JSON in both directions, config sources ---------------------------------------------------------
+# config/uniter-{base,large}.json of the original (reference/uniter.md 1.1), every field
+ORIGINAL_JSON = {
+    "base": {"attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+             "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 512,
+             "num_attention_heads": 12, "num_hidden_layers": 12, "type_vocab_size": 2, "vocab_size": 28996},
+    "large": {"attention_probs_dropout_prob": 0.1, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+              "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 4096,
+              "max_position_embeddings": 512, "num_attention_heads": 16, "num_hidden_layers": 24,
+              "type_vocab_size": 2, "vocab_size": 28996},
+}
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_presets_write_the_original_json_exactly(tmp_path, name):
+    config = UniterConfig.preset(name)
+    assert (config.layer_norm_eps, config.img_dim, config.img_label_dim) == (1e-12, 2048, 1601)
+    config.to_json(tmp_path / "config.json", original_only=True)
+    assert json.loads((tmp_path / "config.json").read_text()) == ORIGINAL_JSON[name]
+    # and the original file reads back as the preset
+    (tmp_path / "original.json").write_text(json.dumps(ORIGINAL_JSON[name]))
+    assert UniterConfig.from_json(tmp_path / "original.json") == config
+
+
+def test_config_json_round_trip_keeps_every_field(tmp_path):
+    config = UniterConfig(vocab_size=77, hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                          intermediate_size=96, hidden_dropout_prob=0.25, attention_probs_dropout_prob=0.125,
+                          max_position_embeddings=40, type_vocab_size=4, initializer_range=0.5, layer_norm_eps=1e-5,
+                          img_dim=24, img_label_dim=11, backend="torch")
+    config.to_json(tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data == config.to_dict() and len(data) == 15  # every dataclass field, none dropped
+    assert UniterConfig.from_json(tmp_path / "config.json") == config
+
+
+def test_from_dict_unknown_keys_raise_or_are_skipped():
+    data = {**ORIGINAL_JSON["base"], "hidden_size": 64, "num_attention_heads": 4, "model_type": "bert",
+            "pad_token_id": 0}
+    with pytest.raises(ValueError, match=r"my\.json: unknown UNITER config keys \['model_type', 'pad_token_id'\]"):
+        UniterConfig.from_dict(data, source="my.json")
+    assert UniterConfig.from_dict(data, strict=False) == UniterConfig(hidden_size=64, num_attention_heads=4)
+
+
+def test_config_given_as_a_hugging_face_json_path(tmp_path):
+    bert_config().to_json_file(str(tmp_path / "bert_config.json"))  # many keys UNITER does not use
+    model = UniterModel.from_pretrained(tiny_original_state_dict(), str(tmp_path / "bert_config.json"))
+    assert (model.config.num_attention_heads, model.config.hidden_size, model.config.intermediate_size) == (4, 64, 128)
+
+
+def test_relative_position_bert_config_beside_weights_is_refused(tmp_path):
+    torch.save(tiny_original_state_dict(), tmp_path / "model.pt")
+    config = bert_config()
+    config.position_embedding_type = "relative_key"
+    config.to_json_file(str(tmp_path / "config.json"))
+    with pytest.raises(CheckpointError, match=r"config\.json: position_embedding_type 'relative_key' is not UNITER's"):
+        UniterModel.from_pretrained(tmp_path / "model.pt")
+
+
+def test_hf_directory_prefers_safetensors(tmp_path):
+    sd = tiny_original_state_dict()
+    from safetensors.torch import save_file
+    save_file(_as_bert_names(sd), str(tmp_path / "model.safetensors"))
+    torch.save({k: v + 1.0 for k, v in _as_bert_names(sd).items()}, tmp_path / "pytorch_model.bin")
+    model = UniterForPretraining.from_pretrained(tmp_path, uniter_config())
+    assert torch.equal(model.uniter.pooler.dense.weight, sd["uniter.pooler.dense.weight"])
+
+
+# dtypes ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_saved_tensors_keep_the_model_dtype(tmp_path, name, dtype):
+    """torch.equal compares values across dtypes: a save that changes the dtype must be caught by the dtype."""
+    from safetensors.torch import load_file
+    model = perturb(UniterForPretraining(uniter_config()), seed=11).to(dtype)
+    save_checkpoint(model, tmp_path / name)
+    saved = (load_file(str(tmp_path / name)) if name.endswith(".safetensors")
+             else torch.load(tmp_path / name, map_location="cpu", weights_only=True))
+    assert {k: v.dtype for k, v in saved.items()} == {k: dtype for k in original_keys(**TINY_KEYS)}
+    again = UniterForPretraining.from_pretrained(tmp_path / name, uniter_config())
+    assert {v.dtype for v in again.state_dict().values()} == {torch.float32}
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v.float()), k
