@@ -543,7 +543,7 @@ def test_config_inferred_from_every_accepted_layout(layout):
             assert torch.equal(loaded[k], v), k
 
 
-@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
 def test_ddp_and_compile_prefixes_load_exactly(prefix):
     sd = tiny_original_state_dict()
     model, report = UniterForPretraining.from_pretrained({prefix + k: v for k, v in sd.items()}, uniter_config(),

@@ -143,9 +143,8 @@ def _unfused(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
 
 def _original_key(key: str) -> str:
     """A checkpoint key in any accepted layout -> the original layout."""
-    for prefix in _KEY_PREFIXES:
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+    while key.startswith(_KEY_PREFIXES):  # in any order and nesting: torch.compile(DDP(model)) gives both
+        key = key[len(next(p for p in _KEY_PREFIXES if key.startswith(p))):]
     head, _, last = key.rpartition(".")
     if last in ("gamma", "beta"):  # TF-converted LayerNorm names, renamed as the original loader does
         key = f"{head}.{'weight' if last == 'gamma' else 'bias'}"
