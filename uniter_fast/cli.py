@@ -89,7 +89,8 @@ def _add_convert(sub) -> None:
 
     def store_options(p, default_boxes: str, auto: str) -> None:
         p.add_argument("--append", action="store_true", help="add to an existing store instead of creating one")
-        p.add_argument("--shard-bytes", type=int, default=None, help="bytes per store shard (default: the store's)")
+        p.add_argument("--shard-bytes", type=int, default=None,
+                       help="bytes per store shard (default 1 GiB; a store does not record its own)")
         rule = p.add_argument_group("region-count rule (the original's: conf > 0.2, 10..100 boxes)")
         rule.add_argument("--conf-th", type=float, default=0.2, help="confidence threshold (default 0.2)")
         rule.add_argument("--max-bb", type=int, default=100, help="most boxes kept (default 100)")
