@@ -230,6 +230,12 @@ def test_image_db_nbb_json_and_keys_must_cover_the_records(tmp_path, rng):
                     r"region count", nbb={"img_0.npz": 12, "img_1.npz": 12})
     _image_db_error(tmp_path / "b", rng, r"image 'ghost\.npz': is listed in __keys__ but has no record",
                     keys=["img_0.npz", "img_1.npz", "img_2.npz", "ghost.npz"])
+    _image_db_error(tmp_path / "c", rng, r"image 'img_2\.npz': has a record but is not listed in __keys__",
+                    keys=["img_0.npz", "img_1.npz"])
+    _image_db_error(tmp_path / "d", rng, r"nbb_th0\.2_max100_min10\.json: image 'ghost\.npz': has a region count but "
+                    r"no record", nbb={"img_0.npz": 12, "img_1.npz": 12, "img_2.npz": 12, "ghost.npz": 12})
+    _image_db_error(tmp_path / "e", rng, r"feat_th0\.2_max100_min10: __keys__: lists 'img_0\.npz' twice",
+                    keys=["img_0.npz", "img_1.npz", "img_2.npz", "img_0.npz"])
 
 
 def test_image_db_missing_nbb_json_says_what_to_pass(tmp_path, rng):
@@ -290,11 +296,22 @@ def test_tsv_all_boxes_applies_the_rule_everywhere(tmp_path, rng):
     assert RegionStore(tmp_path / "store").num_regions("x") == max(10, int((exp["conf"] > 0.5).sum()))
 
 
+def test_tsv_auto_applies_the_rule_only_above_max_bb(tmp_path, rng):
+    lines = {n: tsv_line(f"n{n}", rng, n)[0] for n in (100, 101)}
+    (tmp_path / "f.tsv").write_text("".join(lines.values()))
+    summary = convert_tsv(tmp_path / "f.tsv", tmp_path / "store", rule=RegionRule(conf_th=0.5), progress=False)
+    assert summary.rule_applied == 1
+    assert RegionStore(tmp_path / "store").num_regions("n100") == 100  # a selection of exactly max_bb: kept
+
+
 @pytest.mark.parametrize("override, match", [
     ({"boxes": "not base64!"}, r"line 2 \(image 'bad'\): boxes is not valid base64"),
     ({"num_boxes": "13"}, r"line 2 \(image 'bad'\): boxes holds 192 bytes, 52 float32 values need 208"),
     ({"img_w": "0"}, r"line 2 \(image 'bad'\): img_w must be positive"),
     ({"features": base64.b64encode(b"\x00" * 12).decode()}, r"line 2 \(image 'bad'\): features hold 3 values"),
+    ({"boxes": _b64(np.tile(np.array([[10, 50, 20, 40]], np.float32), (12, 1)))},
+     r"line 2 \(image 'bad'\): box 0 \[10\.0, 50\.0, 20\.0, 40\.0\] has x2 < x1 or y2 < y1"),
+    ({"img_h": "inf"}, r"line 2 \(image 'bad'\): img_h must be finite, got 'inf'"),
 ])
 def test_tsv_errors_name_the_file_and_line(tmp_path, rng, override, match):
     good, _ = tsv_line("good", rng, 12)
@@ -345,6 +362,48 @@ def test_npz_dir_applies_the_rule_by_default_and_keeps_on_request(tmp_path, rng)
     store = RegionStore(tmp_path / "keep")
     for name, arrays in images.items():
         assert_stored(store, name, {**arrays, "features": arrays["features"].astype(np.float16)})
+
+
+def test_npz_dir_auto_applies_the_rule_only_above_max_bb(tmp_path, rng):
+    src = tmp_path / "npz"
+    src.mkdir()
+    for n in (100, 101):
+        np.savez(src / f"{n}.npz", **fake_image(rng, n))
+    summary = convert_npz_dir(src, tmp_path / "store", boxes="auto", rule=RegionRule(conf_th=0.5), progress=False)
+    assert summary.rule_applied == 1
+    assert RegionStore(tmp_path / "store").num_regions("100.npz") == 100
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("conf", np.nan, "conf holds NaN or infinite values"),
+    ("features", 1e6, r"features holds NaN or infinite values \(beyond fp16's range\)"),  # finite in fp32
+])
+def test_npz_dir_non_finite_values_name_the_file(tmp_path, rng, field, value, match):
+    src = tmp_path / "npz"
+    src.mkdir()
+    arrays = {k: v.astype(np.float32) for k, v in fake_image(rng, 12).items()}
+    arrays[field][3] = value
+    np.savez(src / "a.npz", **arrays)
+    with pytest.raises(ConversionError, match=re.escape(str(src / "a.npz")) + ": arrays: " + match):
+        convert_npz_dir(src, tmp_path / "store", progress=False)
+
+
+def test_a_failed_conversion_commits_nothing(tmp_path, rng):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for src, names in ((first, ("0", "1")), (second, ("2", "3"))):
+        src.mkdir()
+        for name in names:
+            np.savez(src / f"{name}.npz", **fake_image(rng, 12))
+    np.savez(second / "4.npz", features=np.zeros((4, D), np.float16))  # bad, after two good images
+    with pytest.raises(ConversionError, match=r"4\.npz: arrays: no 'norm_bb'"):
+        convert_npz_dir(second, tmp_path / "new", progress=False)
+    with pytest.raises(FileNotFoundError, match="index.rsi"):  # a new store is left without an index
+        RegionStore(tmp_path / "new")
+    convert_npz_dir(first, tmp_path / "store", progress=False)
+    with pytest.raises(ConversionError, match=r"4\.npz") as err:
+        convert_npz_dir(second, tmp_path / "store", append=True, progress=False)
+    assert "it keeps its earlier images" in " ".join(err.value.__notes__)
+    assert list(RegionStore(tmp_path / "store")) == ["0.npz", "1.npz"]
 
 
 def test_npz_dir_errors_name_the_file(tmp_path, rng):
@@ -436,6 +495,13 @@ def test_text_db_converts_to_a_corpus(tmp_path, rng):
      r"coco\.db: text '2000': is in id2len\.json but has no record"),
     (None, lambda s: s["id2len.json"].pop("1011"), None, r"coco\.db: key '1011': has a record but is not in id2len"),
     (None, lambda s: s["meta.json"].pop("MASK"), None, r"meta\.json: meta lacks the key 'MASK'"),
+    (None, lambda s: s["txt2img.json"].pop("1004"), None, r"coco\.db: text '1004': has no entry in txt2img\.json"),
+    (None, lambda s: s["txt2img.json"].update({"5555": "coco_000.npz"}), None,
+     r"txt2img\.json: text '5555': is not in id2len\.json"),
+    (lambda r: r["1005"].update(input_ids=[-1, 200]), lambda s: s["id2len.json"].update({"1005": 2}), None,
+     r"coco\.db: text '1005': token id outside the vocabulary"),
+    (None, lambda s: s["id2len.json"].update({"1002": -1}), None,
+     r"id2len\.json: text '1002': length must be a non-negative integer, got -1"),
 ])
 def test_text_db_errors_name_the_file_and_text(tmp_path, rng, edit_record, edit_side, raw, match):
     make_text_db(tmp_path / "coco.db", rng, edit_record=edit_record, edit_side=edit_side, raw=raw)
@@ -481,6 +547,21 @@ def test_text_corpus_round_trip_and_damage(tmp_path):
         read_text_corpus(tmp_path / "nothing.npz")
 
 
+def test_text_corpus_writer_refuses_ids_outside_the_vocabulary(tmp_path):
+    meta = {"CLS": 1, "SEP": 2, "MASK": 3, "v_range": [5, 10]}
+    with pytest.raises(ValueError, match=r"c\.npz: meta\['MASK'\] = 10 is outside the vocabulary of 10 ids"):
+        write_text_corpus(tmp_path / "c.npz", [np.array([5])], ["a"], ["t0"], {**meta, "MASK": 10})
+    with pytest.raises(ValueError, match=r"c\.npz: text 't1': token id outside \[0, 10\)"):
+        write_text_corpus(tmp_path / "c.npz", [np.array([5]), np.array([6, -1])], ["a", "b"], ["t0", "t1"], meta)
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_text_corpus_keeps_ids_that_do_not_fit_uint16(tmp_path):
+    meta = {"CLS": 1, "SEP": 2, "MASK": 3, "v_range": [5, 65537]}
+    write_text_corpus(tmp_path / "c.npz", [np.array([65536, 65535, 5])], ["a"], ["t0"], meta)
+    assert read_text_corpus(tmp_path / "c.npz")[0][0].tolist() == [65536, 65535, 5]
+
+
 @pytest.mark.parametrize("change, match", [
     ({"image_name_offsets": np.array([0, 2, 1], dtype=np.int64)}, r"image_name_offsets must rise from 0 to 2"),
     ({"image_name_offsets": np.array([0, 1, 9], dtype=np.int64)}, r"image_name_offsets must rise from 0 to 2"),
@@ -489,6 +570,8 @@ def test_text_corpus_round_trip_and_damage(tmp_path):
     ({"text_ids": np.array([116, 48, 116, 49])}, r"text_ids must be 1-D uint8 bytes, got int64"),
     ({"meta": np.array("{not json")}, r"meta is not valid JSON"),
     ({"version": np.array("one")}, r"version 'one' is not supported"),
+    ({"image_index": np.array([0, 2], dtype=np.int32)}, r"image_index points outside the 2 image names"),
+    ({"token_ids": np.array([5, 6, 10], dtype=np.uint16)}, r"text 't1': token id outside \[0, 10\)"),
 ])
 def test_text_corpus_damaged_members_name_the_file(tmp_path, change, match):
     write_text_corpus(tmp_path / "c.npz", [np.array([5, 6]), np.array([7])], ["a", "b"], ["t0", "t1"],

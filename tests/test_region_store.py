@@ -5,6 +5,7 @@ import collections.abc
 import gc
 import os
 import pickle
+import struct
 import threading
 import zlib
 
@@ -63,6 +64,16 @@ def corrupt(path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def rewrite(path, fmt: str, offset: int, value, *, checksum: tuple[int, int]) -> None:
+    """Packs `value` at `offset` and recomputes the CRC-32 of bytes [checksum[0], checksum[1]) stored after them,
+    so that the edit reads as written by a writer (negative positions count from the end)."""
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, offset, value)
+    start, end = (c % len(data) for c in checksum)
+    struct.pack_into("<I", data, end, zlib.crc32(bytes(data[start:end])))
+    path.write_bytes(bytes(data))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -173,6 +184,23 @@ def test_one_record_larger_than_a_shard_gets_a_shard_of_its_own(tmp_path):
     assert RegionStore(path).verify_all() == []
 
 
+def test_a_record_that_fills_the_shard_exactly_stays_in_it(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {name: make_image(rng, 4) for name in "abc"}
+    nbytes = record_layout(4, 1, D, C, FLAG_SOFT_LABELS).nbytes
+    store = RegionStore(write_store(tmp_path / "s", images, shard_bytes=64 + 2 * nbytes))
+    assert [store.location(i)[0].name for i in images] == ["shard-00000.rgs"] * 2 + ["shard-00001.rgs"]
+
+
+@pytest.mark.parametrize("box_dtype, conf_dtype", [("float32", "float16"), ("float16", "float32")])
+def test_getitem_reads_boxes_and_conf_with_their_own_dtypes(tmp_path, images, box_dtype, conf_dtype):
+    path = write_store(tmp_path / "s", images, box_dtype=box_dtype, conf_dtype=conf_dtype)
+    regions = RegionStore(path)["img_0_4"]
+    assert regions.norm_bb.dtype == np.dtype(box_dtype) and regions.conf.dtype == np.dtype(conf_dtype)
+    np.testing.assert_array_equal(regions.norm_bb, images["img_0_4"]["norm_bb"].astype(box_dtype))
+    np.testing.assert_array_equal(regions.conf, images["img_0_4"]["conf"].astype(conf_dtype))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # appending and committing
 # ---------------------------------------------------------------------------------------------------------
@@ -199,6 +227,8 @@ def test_append_refuses_duplicates_and_other_dimensions(store_dir, images):
             writer.add("img_0_4", **images["img_0_4"])
     with pytest.raises(ValueError, match="feature_dim=32"):
         RegionStoreWriter(store_dir, feature_dim=64, label_dim=C, append=True)
+    with pytest.raises(ValueError, match="box_dtype=float16.*the writer was given.*box_dtype=float32"):
+        RegionStoreWriter(store_dir, feature_dim=D, label_dim=C, append=True, box_dtype="float32")
     with pytest.raises(FileExistsError, match="append=True"):
         RegionStoreWriter(store_dir, feature_dim=D, label_dim=C)
     with pytest.raises(FileNotFoundError):
@@ -231,6 +261,28 @@ def test_append_refuses_a_truncated_last_shard(store_dir, images):
     assert os.path.getsize(shard) == offset + 10  # left as it was: the damage still reads as a truncation
     with pytest.raises(CorruptRecordError, match=rf"'{ids[-1]}'.*truncated"):
         RegionStore(store_dir)[ids[-1]]
+
+
+def test_append_cuts_the_uncommitted_tail_of_the_last_shard(store_dir):
+    extra = random_images(3, seed=5)
+    writer = RegionStoreWriter(store_dir, feature_dim=D, label_dim=C, append=True)
+    for image_id, arrays in extra.items():
+        writer.add(image_id, **arrays)
+    writer.abort()  # written, not committed
+    write_store(store_dir, {"late": extra["img_5_0"]}, append=True)  # shorter than the aborted session
+    store = RegionStore(store_dir)
+    shard, offset, nbytes = store.location("late")
+    assert os.path.getsize(shard) == offset + nbytes == store._store.shard_sizes[-1]
+    assert store.verify_all() == []
+
+
+def test_append_refuses_a_last_shard_of_another_store(tmp_path, images):
+    a, b = write_store(tmp_path / "a", images), write_store(tmp_path / "b", images)
+    os.replace(b / "shard-00000.rgs", a / "shard-00000.rgs")
+    size = os.path.getsize(a / "shard-00000.rgs")
+    with pytest.raises(RegionStoreError, match=r"shard-00000\.rgs: not this store's shard"):
+        RegionStoreWriter(a, feature_dim=D, label_dim=C, append=True)
+    assert os.path.getsize(a / "shard-00000.rgs") == size
 
 
 def test_flush_commits_midway(tmp_path, images):
@@ -347,6 +399,35 @@ def test_soft_label_damage_matters_only_when_soft_labels_are_read(store_dir, ima
         store["img_0_8"]
 
 
+def test_verify_always_checks_every_read(store_dir):
+    shard, offset, _ = RegionStore(store_dir).location("img_0_6")
+    store = RegionStore(store_dir, verify="always")
+    store.gather(["img_0_6"])  # verified once: "always" checks again all the same
+    corrupt(shard, offset + 65)
+    with pytest.raises(CorruptRecordError, match="image 'img_0_6'.*checksum mismatch in features"):
+        store.gather(["img_0_6"])
+    with pytest.raises(CorruptRecordError, match="image 'img_0_6'.*checksum mismatch in features"):
+        store["img_0_6"]
+
+
+def test_verify_all_rechecks_records_read_before(store_dir):
+    shard, offset, _ = RegionStore(store_dir).location("img_0_6")
+    store = RegionStore(store_dir)  # verify="first"
+    store.gather(["img_0_6"], soft_labels=True)  # verified in this process
+    corrupt(shard, offset + 65)
+    problems = store.verify_all()
+    assert [image_id for image_id, _ in problems] == ["img_0_6"] and "checksum mismatch" in problems[0][1]
+
+
+def test_verify_all_lists_the_records_a_truncation_lost(store_dir, images):
+    ids = list(images)
+    shard, offset, _ = RegionStore(store_dir).location(ids[-3])
+    os.truncate(shard, offset + 100)
+    problems = RegionStore(store_dir).verify_all()  # reports, does not raise
+    assert [image_id for image_id, _ in problems] == ids[-3:]
+    assert all("shard-00000.rgs" in message and "truncated" in message for _, message in problems)
+
+
 def test_header_damage_is_caught_even_without_checksums(store_dir):
     shard, offset, _ = RegionStore(store_dir).location("img_0_9")
     corrupt(shard, offset + 16)  # the record's region count
@@ -356,6 +437,22 @@ def test_header_damage_is_caught_even_without_checksums(store_dir):
     corrupt(shard, offset + 1)  # the record magic
     with pytest.raises(CorruptRecordError, match="img_0_9.*bad magic"):
         RegionStore(store_dir, verify="never")["img_0_9"]
+
+
+@pytest.mark.parametrize("at, message", [
+    (4, "checksums in the record header"),          # crc
+    (28, "checksums in the record header"),         # crc_soft
+    (24, "record header disagrees with the index"),  # flags
+    (33, "the record holds another image's id"),    # a byte of the image id
+])
+def test_record_header_fields_are_checked_against_the_index_without_checksums(store_dir, at, message):
+    shard, offset, _ = RegionStore(store_dir).location("img_0_9")
+    corrupt(shard, offset + at)
+    store = RegionStore(store_dir, verify="never")
+    with pytest.raises(CorruptRecordError, match=rf"shard-00000\.rgs: image 'img_0_9'.*{message}"):
+        store.gather(["img_0_9"])
+    with pytest.raises(CorruptRecordError, match=rf"image 'img_0_9'.*{message}"):
+        store["img_0_9"]
 
 
 def test_truncated_shard(store_dir, images):
@@ -402,6 +499,41 @@ def test_damaged_index(store_dir):
         RegionStore(store_dir)
 
 
+def test_index_header_checksum_version_and_flags_are_checked(store_dir):
+    index = store_dir / "index.rsi"
+    good = index.read_bytes()
+    corrupt(index, 16)  # feature_dim, header checksum left as it was
+    with pytest.raises(RegionStoreError, match="index.rsi: header checksum mismatch"):
+        RegionStore(store_dir)
+    for offset, value, message in ((8, 2, "format version 2, this reader knows 1"),
+                                   (24, FLAG_SOFT_LABELS | 8, "unknown flags 0x00000009")):
+        index.write_bytes(good)
+        rewrite(index, "<I", offset, value, checksum=(0, 60))
+        with pytest.raises(RegionStoreError, match=f"index.rsi: {message}"):
+            RegionStore(store_dir)
+
+
+def test_index_entry_naming_a_shard_that_does_not_exist(store_dir):
+    index = store_dir / "index.rsi"
+    rewrite(index, "<I", 64 + 8 + 16, 1, checksum=(64, -4))  # entry 0's shard number; the store has one shard
+    with pytest.raises(RegionStoreError, match=r"index.rsi: entry 0 \('img_0_0'\): shard 1 does not exist"):
+        RegionStore(store_dir)
+
+
+def test_shard_headers_are_checked_against_the_index(tmp_path, images):
+    path = write_store(tmp_path / "s", images, shard_bytes=4096)
+    first = next(iter(images))
+    zero, one = path / "shard-00000.rgs", path / "shard-00001.rgs"
+    good = zero.read_bytes()
+    zero.write_bytes(one.read_bytes())  # shard 1's bytes under shard 0's name: same store, same uuid
+    with pytest.raises(CorruptRecordError, match=rf"shard-00000\.rgs: header says it is shard 1.*'{first}'"):
+        RegionStore(path).gather([first])
+    zero.write_bytes(good)
+    rewrite(zero, "<I", 20, C + 1, checksum=(0, 60))  # label_dim, header checksum made to match
+    with pytest.raises(CorruptRecordError, match=r"shard-00000\.rgs: header disagrees with the index"):
+        RegionStore(path).gather([first])
+
+
 def test_shard_from_another_store(tmp_path, images):
     a = write_store(tmp_path / "a", images)
     b = write_store(tmp_path / "b", images)
@@ -426,6 +558,7 @@ def test_shard_from_another_store(tmp_path, images):
     ({"soft_labels": np.zeros((3, C + 1), np.float16)}, "soft_labels has shape"),
     ({"soft_labels": None}, "keeps soft labels, none were given"),
     ({"features": np.full((3, D), 1e6, np.float32)}, "beyond float16's range"),
+    ({"norm_bb": np.where(np.arange(18).reshape(3, 6) == 16, np.nan, 0.1)}, "norm_bb has NaN.*first in row 2"),
     ({"features": [[0.0] * D, [0.0] * (D - 1), [0.0] * D]}, "features is not a numeric array"),
     ({"norm_bb": [[0.0] * 6, [0.0] * 6, [0.0]]}, "norm_bb is not a numeric array"),
 ])
@@ -528,6 +661,16 @@ def test_reused_buffers(store_dir, images):
     with pytest.raises(ValueError, match="soft_labels None cannot hold"):
         store.gather(ids[:2], dtype=torch.float32, soft_labels=True,
                      out=RegionBatch.empty(100, 16, feature_dim=D, dtype=torch.float32))
+
+
+def test_reader_refuses_outputs_that_are_not_c_contiguous(store_dir, images):
+    store = RegionStore(store_dir)
+    image_id = next(i for i, arrays in images.items() if len(arrays["conf"]) > 1)
+    n = store.num_regions(image_id)
+    features = np.empty((D, n), np.float16).T  # the right shape, column-major
+    with pytest.raises(ValueError, match="features: the buffer must be C-contiguous"):
+        store._store.gather(store.positions([image_id]), features, np.empty((n, 7), np.float32),
+                            np.empty(2, np.int64), None, 1, 1)
 
 
 def test_new_batches_recycle_memory_only_when_nothing_refers_to_it(store_dir, images):

@@ -80,6 +80,16 @@ def test_export_writes_what_the_world_holds(exported, same_vocabulary):
     assert json.loads((files / "pretrain.json").read_text())["data"]["region_store"] == str(files / "regions")
 
 
+def test_corpus_tokenizer_must_agree_with_its_vocab_size(exported):
+    from uniter_fast.data.text_corpus import tokenizer_from_meta
+
+    meta = read_text_corpus(exported[0] / "train.corpus.npz")[3]
+    assert tokenizer_from_meta(meta).vocab_size == meta["vocab_size"]
+    with pytest.raises(ValueError, match=rf"c\.npz: meta\['tokenizer'\] has {meta['vocab_size']} ids but vocab_size "
+                                         rf"is {meta['vocab_size'] + 1}"):
+        tokenizer_from_meta({**meta, "vocab_size": meta["vocab_size"] + 1}, "c.npz")
+
+
 def test_store_batches_equal_the_in_memory_batches(exported, same_vocabulary):
     files, cfg = exported
     from_files = PretrainConfig.from_json(files / "pretrain.json")

@@ -87,7 +87,8 @@ def check_regions(arrays: Mapping[str, np.ndarray], source, record: str) -> Imag
     for name, arr in (("features", features), ("norm_bb", norm_bb), ("conf", conf), ("soft_labels", soft)):
         if arr is not None and arr.dtype.kind != "f":
             raise ConversionError(source, record, f"{name} must be floating point, got {arr.dtype}")
-    features = features.astype(np.float16, copy=False)
+    with np.errstate(over="ignore"):  # an overflow to inf is reported just below, naming the record
+        features = features.astype(np.float16, copy=False)
     for name, arr in (("features", features), ("norm_bb", norm_bb), ("conf", conf), ("soft_labels", soft)):
         if arr is not None and not np.isfinite(arr).all():
             raise ConversionError(source, record, f"{name} holds NaN or infinite values"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -70,6 +71,8 @@ def _positive(value: str, name: str, source, record: str, kind=int):
         raise ConversionError(source, record, f"{name} {value!r} is not a number") from None
     if number <= 0:
         raise ConversionError(source, record, f"{name} must be positive, got {value!r}")
+    if not math.isfinite(number):  # float("inf") and float("nan") parse: they would scale every box to 0 or NaN
+        raise ConversionError(source, record, f"{name} must be finite, got {value!r}")
     return number
 
 

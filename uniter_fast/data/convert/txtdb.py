@@ -113,7 +113,8 @@ def convert_text_db(src: str | Path, dst: str | Path, *, progress: bool = True) 
     ids = list(id2len)
     for text_id, n in id2len.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConversionError(db / "id2len.json", f"text {text_id!r}", f"length must be an integer, got {n!r}")
+            raise ConversionError(db / "id2len.json", f"text {text_id!r}",
+                                  f"length must be a non-negative integer, got {n!r}")
 
     texts, images, extras = [], [], []
     vocab_size = meta["vocab_size"]
