@@ -125,6 +125,18 @@ def test_wra_loss_and_gradient_equal_the_original_padded_ipot():
     torch.testing.assert_close(ours_h.grad, theirs_h.grad, rtol=1e-7, atol=1e-10)
 
 
+def test_wra_distances_use_the_given_beta_and_iterations():
+    """IPOT's beta and iteration count reach the solver (the model's ot_beta / ot_iterations)."""
+    texts, regions = random_samples(4, seed=8, allow_empty_regions=False)
+    inputs = pack_batch(texts, regions)
+    hidden = torch.randn(inputs.total_tokens, 16, dtype=torch.float64)
+    ours = wra_distances(hidden, inputs, beta=0.2, iterations=3, backend="torch")
+    theirs = _original_ipot_distance(*_original_wra_inputs(hidden, inputs), beta=0.2, iterations=3)
+    default = _original_ipot_distance(*_original_wra_inputs(hidden, inputs))
+    assert not torch.allclose(theirs, default, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("task", ["mlm", "mrfr", "mrc", "mrckl", "itm"])
 def test_task_losses_equal_the_original_heads_and_reductions(task):
     """1.8 / 3.5: each head rebuilt from its state-dict keys, losses with the original's reductions."""

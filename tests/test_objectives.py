@@ -52,11 +52,24 @@ def test_itm_loss_is_two_way_cross_entropy():
                                         rel=1e-6)
 
 
+def test_itm_accuracy_is_the_share_of_pairs_whose_larger_logit_is_the_label():
+    logits = torch.tensor([[0.0, 2.0], [1.0, -1.0], [3.0, 0.5], [2.0, 1.0]])
+    _, metrics = itm_loss(logits, torch.tensor([1, 0, 1, 0]))
+    assert metrics["acc"].item() == pytest.approx(0.75)  # pairs 0, 1 and 3 right, pair 2 wrong
+
+
 def test_wra_loss_pulls_matched_and_pushes_swapped_pairs():
     dist, labels = torch.tensor([0.2, 0.9, 0.4, 0.7]), torch.tensor([1, 0, 1, 0])
     loss, metrics = wra_loss(dist, labels)
     assert loss.item() == pytest.approx(((0.2 + 0.4) - (0.9 + 0.7)) / 4)
     assert metrics["pos"].item() == pytest.approx(0.3) and metrics["neg"].item() == pytest.approx(0.8)
+
+
+def test_wra_metrics_average_matched_and_swapped_pairs_separately():
+    dist, labels = torch.tensor([0.2, 0.9, 0.4, 0.6, 0.3]), torch.tensor([1, 0, 1, 1, 0])
+    loss, metrics = wra_loss(dist, labels)
+    assert loss.item() == pytest.approx(((0.2 + 0.4 + 0.6) - (0.9 + 0.3)) / 5)
+    assert metrics["pos"].item() == pytest.approx(0.4) and metrics["neg"].item() == pytest.approx(0.6)
 
 
 def test_wra_on_the_triton_backend_equals_the_reference():
@@ -106,6 +119,14 @@ def test_text_masking_statistics():
     assert replaced.min() >= 10 and replaced.max() < 100
 
 
+def test_text_masking_follows_the_given_probability():
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(10, 100, size=50_000)
+    for prob in (0.05, 0.5):
+        _, labels = mask_text(tokens, rng, mask_id=3, vocab_range=(10, 100), prob=prob)
+        assert (labels != -1).mean() == pytest.approx(prob, abs=0.01)
+
+
 def test_at_least_one_word_and_one_region_masked():
     rng = np.random.default_rng(1)
     for _ in range(300):
@@ -119,10 +140,24 @@ def test_at_least_one_word_and_one_region_masked():
     assert mask_regions(0, rng).shape == (0,)
 
 
+def test_the_forced_region_is_drawn_uniformly():
+    """The original forces random.choice(range(num_bb)) when no region was drawn, not always the first."""
+    rng = np.random.default_rng(4)
+    forced = np.stack([mask_regions(4, rng, prob=0.0) for _ in range(4000)])
+    assert (forced.sum(1) == 1).all()
+    np.testing.assert_allclose(forced.mean(0), 0.25, atol=0.03)
+
+
 def test_region_masking_rate():
     rng = np.random.default_rng(2)
     chosen = np.concatenate([mask_regions(100, rng) for _ in range(2000)])
     assert chosen.mean() == pytest.approx(0.15, abs=0.005)
+
+
+def test_unknown_task_is_refused_by_name():
+    texts, regions = random_samples(2, seed=0)
+    with pytest.raises(ValueError, match="'mrm'"):
+        PretrainBatch(task="mrm", inputs=pack_batch(texts, regions))
 
 
 def _pretrain_batch(task: str, seed: int = 0):

@@ -239,15 +239,17 @@ def _referents(scene, m: re.Match, name: str, plural: bool) -> list[int]:
 
 
 def _relation_holds(rel: str, a, b) -> bool:
+    """The module's documented rule: centres 0.1 apart for left/right/above/below, closer than 0.35 for next to."""
     (ax, ay), (bx, by) = _centre(a), _centre(b)   # y grows downwards, as in image boxes
-    return {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by, "below": ay > by,
-            "next to": np.hypot(ax - bx, ay - by) < 0.4}[rel]
+    return {"to the left of": ax < bx - 0.1, "to the right of": ax > bx + 0.1, "above": ay < by - 0.1,
+            "below": ay > by + 0.1, "next to": np.hypot(ax - bx, ay - by) < 0.35}[rel]
 
 
 def _position_holds(pos: str, box) -> bool:
+    """The documented thirds: left/top below 0.4, right/bottom above 0.6, middle within 0.15 of the centre."""
     x, y = _centre(box)
-    return {"on the left": x < 0.5, "on the right": x > 0.5, "at the top": y < 0.5, "at the bottom": y > 0.5,
-            "in the middle": abs(x - 0.5) < 0.2 and abs(y - 0.5) < 0.2}[pos]
+    return {"on the left": x < 0.4, "on the right": x > 0.6, "at the top": y < 0.4, "at the bottom": y > 0.6,
+            "in the middle": abs(x - 0.5) < 0.15 and abs(y - 0.5) < 0.15}[pos]
 
 
 def test_captions_only_state_true_facts(world):

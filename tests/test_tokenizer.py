@@ -1,6 +1,8 @@
 """The WordPiece tokenizer: trained on the synthetic captions, or read from a BERT vocab.txt."""
 from __future__ import annotations
 
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,37 @@ def test_trained_special_ids(tok):
     ids = [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id]
     assert ids == [tok.token_to_id(t) for t in SPECIALS]
     assert tok.pad_id == 0 and sorted(ids) == list(range(5))
+
+
+def test_trained_specials_are_in_berts_order(tok):
+    """[PAD] [UNK] [CLS] [SEP] [MASK], the relative order of bert-base-cased's ids 0, 100, 101, 102, 103."""
+    assert [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id] == [0, 1, 2, 3, 4]
+
+
+def test_decode_drops_cls_and_sep(tok, captions):
+    ids = tok.encode(captions[0])
+    assert tok.decode([tok.cls_id, *ids, tok.sep_id]) == captions[0]
+
+
+def test_truncated_vocabulary_has_the_asked_size_and_keeps_the_frequent_words(captions):
+    full = Tokenizer.train(captions, vocab_size=100_000)
+    small = Tokenizer.train(captions, vocab_size=full.vocab_size - 10)
+    assert small.vocab_size == full.vocab_size - 10
+    counts = Counter(w for text in captions for w in re.findall(r"\w+|[^\w\s]", text))
+    dropped = set(full.get_vocab()) - set(small.get_vocab())
+    kept = [w for w in small.get_vocab() if w in counts and len(w) > 1]
+    assert len(dropped) == 10 and dropped <= set(counts)
+    assert max(counts[w] for w in dropped) <= min(counts[w] for w in kept)
+    for word in dropped:  # a word left out is spelt in pieces, never [UNK]
+        ids = small.encode(word)
+        assert len(ids) > 1 and small.unk_id not in ids and small.decode(ids) == word
+
+
+def test_words_outside_a_tiny_vocabulary_are_spelt_in_characters():
+    tok = Tokenizer.train(["Ox and qa"], vocab_size=10)
+    for word in ("Ox", "and", "qa"):  # '##x' and '##a' come only from a word's second letter
+        ids = tok.encode(word)
+        assert tok.unk_id not in ids and len(ids) == len(word) and tok.decode(ids) == word
 
 
 def test_vocab_range_starts_at_exclamation_mark(tok):
@@ -134,6 +167,20 @@ def test_from_vocab_file_follows_the_file(tmp_path):
     assert tok.encode("A zebra") == [lines.index("A"), 100]
     assert tok.decode(expected) == "A red dogs to the left of a cat."
     assert tok.encode("a [MASK] dog") == [lines.index("a"), 103, lines.index("dog")]
+
+
+def test_from_vocab_file_splits_long_words_like_bert(tmp_path):
+    """BERT gives [UNK] only to words over 100 characters; shorter ones are split into pieces."""
+    lines = _bert_like_vocab()
+    tok = Tokenizer.from_vocab_file(_write(tmp_path, lines))
+    assert tok.encode("un" + "der" * 20) == [lines.index("un")] + [lines.index("##der")] * 20
+    assert tok.encode("un" + "der" * 40) == [tok.unk_id]
+
+
+def test_from_vocab_file_duplicate_token_names_it(tmp_path):
+    path = _write(tmp_path, _bert_like_vocab() + ["dog"])
+    with pytest.raises(ValueError, match=r"vocab\.txt: token 'dog' appears twice"):
+        Tokenizer.from_vocab_file(path)
 
 
 def test_from_vocab_file_lowercase(tmp_path):

@@ -111,3 +111,28 @@ def test_max_txt_len_that_drops_every_caption_names_the_key(tmp_path):
     cfg = cfg.replace(data=cfg.data.__class__(world=cfg.data.world, vocab_size=200, max_txt_len=2))
     with pytest.raises(ValueError, match=r"the training split has no caption of at most data\.max_txt_len \(2\)"):
         pretrain(cfg, progress=False)
+
+
+@pytest.mark.parametrize("split", ["training", "held-out"])
+def test_a_caption_without_words_is_refused_before_training_when_mlm_runs(tmp_path, monkeypatch, split):
+    """mlm masks at least one word per caption: an empty caption used to stop the run at its first mlm batch (or
+    in validation, at the end), losing the training done."""
+    import uniter_fast.train.loop as loop
+
+    real, emptied = loop.build_data, []
+
+    def with_an_empty_caption(cfg):
+        data = real(cfg)
+        corpus = data.train if split == "training" else data.val
+        corpus.texts[3] = corpus.texts[3][:0]
+        emptied.append(corpus.text_ids[3])
+        return data
+
+    monkeypatch.setattr(loop, "build_data", with_an_empty_caption)
+    with pytest.raises(ValueError, match=rf"the {split} split's caption '.+' has no words") as refused:
+        pretrain(_world_config(tmp_path), progress=False)
+    assert repr(emptied[-1]) in str(refused.value)
+    monkeypatch.setattr(loop, "_check_captions", lambda data, tasks: None)  # without the check: it fails later
+    cfg = _world_config(tmp_path, tasks={"mlm": 1}).replace(num_train_steps=30, output_dir=str(tmp_path / "late"))
+    with pytest.raises(ValueError, match=rf"caption {emptied[-1]!r} has no words for mlm to mask"):
+        pretrain(cfg, progress=False)

@@ -149,6 +149,8 @@ def make_task_batch(corpus: PretrainCorpus, task: str, indices: Sequence[int], r
     for index in indices:
         words, image_id = corpus.texts[index], corpus.image_ids[index]
         labels = np.full(len(words), -1)
+        if task in TEXT_MASKED and not len(words):  # the original's "at least one masked word" fails here too
+            raise ValueError(f"make_task_batch: caption {corpus.text_ids[index]!r} has no words for {task} to mask")
         if mask_words:
             words, labels = mask_text(words, rng, mask_id=vocab.mask_id, vocab_range=vocab.vocab_range,
                                       prob=options.mlm_prob)

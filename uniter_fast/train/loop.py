@@ -21,6 +21,7 @@ from uniter_fast.eval.retrieval import recall_at_k, score_matrix
 from uniter_fast.eval.validation import validate
 from uniter_fast.model.checkpoint import save_checkpoint
 from uniter_fast.model.pretrain import UniterForPretraining
+from uniter_fast.objectives.tasks import TEXT_MASKED
 from uniter_fast.train.config import PretrainConfig
 from uniter_fast.train.engine import build_engine, full_parameters, init_distributed
 from uniter_fast.train.tasks import TaskSampler
@@ -159,6 +160,18 @@ def _check_batching(data: PretrainData, cfg: PretrainConfig) -> None:
                              f"{err}") from None
 
 
+def _check_captions(data: PretrainData, tasks) -> None:
+    """Masked-word modelling masks at least one word of every caption (the original's rule): a caption without
+    words would stop training at its first MLM batch, so it is refused before training starts."""
+    if not any(t in TEXT_MASKED for t in tasks):
+        return
+    for name, corpus in (("training", data.train), ("held-out", data.val)):
+        empty = next((i for i, words in enumerate(corpus.texts) if not len(words)), None)
+        if empty is not None:
+            raise ValueError(f"the {name} split's caption {corpus.text_ids[empty]!r} has no words, and mlm masks at "
+                             "least one word of each: remove it from the corpus or drop mlm from the tasks")
+
+
 def retrieval_eval(model, data: PretrainData, num_images: int, device: torch.device) -> dict[str, float]:
     """Zero-shot retrieval on the held-out split: the first caption of each of the first `num_images` images."""
     image_ids = data.retrieval_image_ids[:num_images]
@@ -198,6 +211,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
     _check_batching(data, cfg)
+    _check_captions(data, _all_tasks(cfg))
     model_config = cfg.model.build_config(vocab_size=data.vocab_size)
     _check_region_widths(data.train.images, model_config, cfg)
     if cfg.model.init_checkpoint:
