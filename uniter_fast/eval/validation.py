@@ -8,6 +8,7 @@ import torch
 
 from uniter_fast.data.pretrain import MaskingOptions, PretrainCorpus, make_task_batch
 from uniter_fast.data.sampler import TokenBucketSampler
+from uniter_fast.objectives.tasks import TASKS
 
 
 @torch.no_grad()
@@ -20,8 +21,10 @@ def validate(model, corpus: PretrainCorpus, tasks, *, batch_tokens: int, num_bat
     model.eval()
     batches = TokenBucketSampler(corpus.lens, batch_tokens=batch_tokens, seed=seed).epoch(0)[:num_batches]
     results = {}
-    for t, task in enumerate(tasks):
-        rng = np.random.default_rng([seed, t])
+    for task in tasks:
+        # seeded by the task's own name, not its place in the list: an ablation with other tasks validates each
+        # task on the same masks and negatives, so the numbers compare across runs
+        rng = np.random.default_rng([seed, TASKS.index(task)])
         sums: dict[str, float] = defaultdict(float)
         items = 0
         for indices in batches:
