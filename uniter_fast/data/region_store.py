@@ -160,8 +160,8 @@ class RegionStoreWriter:
     def _create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         if (self.path / INDEX_NAME).exists():
-            raise FileExistsError(f"{self.path}: a region store is already here; pass append=True to add to it "
-                                  f"or choose another directory")
+            raise FileExistsError(f"{self.path}: a region store is already here; pass append=True (convert "
+                                  f"--append) to add to it or choose another directory")
         leftovers = sorted(self.path.glob("shard-*.rgs"))
         if leftovers:  # an earlier writer stopped before its first commit: nothing references these files
             warnings.warn(f"{self.path}: removing {len(leftovers)} uncommitted shard file(s) of an earlier, "
