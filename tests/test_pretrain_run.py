@@ -1,6 +1,9 @@
 """A tiny pre-training run through DeepSpeed (ZeRO-2, one CPU process): it writes its outputs and its losses fall."""
 import json
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 from uniter_fast.cli import main
 from uniter_fast.model import UniterForPretraining
 from uniter_fast.train.config import PretrainConfig
-from uniter_fast.train.engine import NO_DECAY, parameter_groups, warmup_linear
+from uniter_fast.train.engine import NO_DECAY, _free_port, parameter_groups, warmup_linear
 
 
 def _small_config(tmp_path, **changes) -> PretrainConfig:
@@ -59,6 +62,28 @@ def test_zero3_run_writes_whole_parameters(tmp_path):
     state = torch.load(tmp_path / "run" / "ckpt" / "model_step_6.pt", weights_only=True)
     assert state["uniter.encoder.layer.0.attention.self.query.weight"].shape == (64, 64)
     assert state["cls.predictions.decoder.weight"].shape == state["uniter.embeddings.word_embeddings.weight"].shape
+
+
+@pytest.mark.slow
+def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3(tmp_path):
+    """`deepspeed --num_gpus 2 --module uniter_fast.cli pretrain` as the README gives it, on CPU ranks: each rank
+    holds half of every parameter under ZeRO-3, and rank 0 writes them whole after gathering."""
+    path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    env.pop("WORLD_SIZE", None)
+    launcher = shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is not on PATH (deepspeed is a dependency of the package)"
+    run = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+                          "uniter_fast.cli", "pretrain", "--config", str(path), "--no-progress"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (run.stdout + run.stderr).count("exits successfully") == 2  # the launcher's line per rank
+    ckpt = tmp_path / "run" / "ckpt"
+    state = torch.load(ckpt / "model_step_6.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    model = UniterForPretraining.from_pretrained(ckpt / "model_step_6.pt", ckpt / "config.json")  # strict: whole
+    assert model.uniter.encoder.layer[0].attention.self.qkv.weight.shape == (3 * 64, 64)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_train_steps"] == 6
 
 
 def test_compiled_encoder_trains_as_eager(tmp_path):
