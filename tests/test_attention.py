@@ -46,6 +46,30 @@ def triton_and_grads(q, k, v, cu, grad, **kwargs):
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
 
+def test_reference_is_softmax_attention_within_each_sample():
+    """The oracle itself, against softmax(q k^T * scale) v written per sample (empty and length-1 samples among them):
+    the default scale is 1 / sqrt(head_dim), a given keep-mask's kept probabilities are scaled by 1 / (1 - p), and
+    the gradients are finite."""
+    lens, p = [5, 0, 1, 17, 3], 0.25
+    q, k, v, cu = packed(lens, head_dim=8)
+    mask = torch.rand(len(lens), 2, 17, 17, generator=torch.Generator().manual_seed(5)) >= p
+    bounds = cu.tolist()
+    for scale, kwargs in ((8 ** -0.5, {}), (0.37, {"softmax_scale": 0.37}),
+                          (8 ** -0.5, {"dropout_p": p, "dropout_mask": mask})):
+        out = reference.varlen_attention_ref(q, k, v, cu, 17, **kwargs)
+        assert out.shape == q.shape
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            probs = (torch.einsum("qhd,khd->hqk", q[lo:hi], k[lo:hi]) * scale).softmax(-1)
+            if "dropout_mask" in kwargs:
+                probs = probs * mask[b, :, :hi - lo, :hi - lo] / (1 - p)
+            torch.testing.assert_close(out[lo:hi], torch.einsum("hqk,khd->qhd", probs, v[lo:hi]), rtol=1e-12,
+                                       atol=1e-12, msg=lambda m: f"{kwargs.keys()}, sample {b}: {m}")
+    inputs = tuple(t.clone().requires_grad_() for t in (q, k, v))
+    for kwargs in ({}, {"dropout_p": p, "dropout_mask": mask}):  # the empty sample gives no NaN to the others
+        grads = torch.autograd.grad(reference.varlen_attention_ref(*inputs, cu, 17, **kwargs).sum(), inputs)
+        assert all(bool(torch.isfinite(g).all()) for g in grads), kwargs.keys()
+
+
 @pytest.mark.parametrize("head_dim", [8, 16, 40, 64, 128])
 def test_forward_and_gradients_match_the_fp64_reference(head_dim):
     q, k, v, cu = packed(LENS, head_dim=head_dim, dtype=torch.float32)
@@ -424,6 +448,34 @@ def test_bad_arguments_name_themselves(change, message):
     args = change(dict(q=q, k=k, v=v, cu_seqlens=cu, max_seqlen=7, dropout_p=0.0, softmax_scale=None))
     with pytest.raises((ValueError, TypeError), match=message.replace("(", r"\(").replace(")", r"\)")):
         attention.varlen_attention(**args, backend="triton")
+
+
+@pytest.mark.parametrize("choice", ["torch", "triton"])
+def test_malformed_offsets_and_qkv_layouts_are_refused(choice):
+    """cu_seqlens on another device than q or with no entry at all, and a qkv that is not (total, 3, heads, head_dim),
+    are refused by name on every backend."""
+    q, k, v, cu = packed([5, 7], dtype=torch.float32)
+    with pytest.raises(ValueError, match="q, k, v and cu_seqlens must be on one device"):
+        attention.varlen_attention(q, k, v, cu.to("meta"), 7, backend=choice)
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32/int64 tensor of batch\\+1 offsets"):
+        attention.varlen_attention(q, k, v, cu[:0], 7, backend=choice)
+    options = attention.AttentionOptions(backend=choice)
+    for qkv in (torch.stack([q, k, v, v], 1), torch.stack([q, k], 1), torch.stack([q, k, v], 1).flatten(2)):
+        with pytest.raises(ValueError, match=r"qkv must be \(total, 3, heads, head_dim\)"):
+            attention.varlen_attention_qkv(qkv, cu, 7, options)
+
+
+def test_attention_maps_of_half_inputs_are_fp32():
+    """The maps are computed in fp32 whatever the inputs: fp16 q, k give the fp64 softmax of their values to fp32
+    rounding (an fp16 softmax is off by ~1e-4)."""
+    lens = [9, 0, 14]
+    q, k, _, cu = packed(lens, dtype=torch.float16, seed=3)
+    maps = reference.attention_probs_ref(q * 4, k, cu)
+    bounds = cu.tolist()
+    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        assert maps[b].dtype == torch.float32 and maps[b].shape == (2, lens[b], lens[b])
+        scores = torch.einsum("qhd,khd->hqk", (q[lo:hi] * 4).double(), k[lo:hi].double()) / 16 ** 0.5
+        torch.testing.assert_close(maps[b].double(), scores.softmax(-1), rtol=0, atol=2e-6)
 
 
 def test_backend_choice_and_refusals():

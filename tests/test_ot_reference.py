@@ -5,6 +5,8 @@ POT's log-domain Sinkhorn, and POT's exact EMD. None of the expected numbers com
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ot as pot
 import pytest
@@ -349,3 +351,53 @@ def test_auto_and_torch_serve_with_the_reference(
     dist, plan = ot.ipot(cost, text_lens, region_lens, return_plan=True, backend="triton")  # the env var wins
     torch.testing.assert_close(plan, reference.ipot_plan_ref(cost, text_lens, region_lens), rtol=0, atol=0)
     torch.testing.assert_close(dist, (cost * plan).sum((1, 2)), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    "solver,kwargs,error,match",
+    [
+        ("ipot", {"k": 0}, ValueError, "k must be >= 1"),
+        ("ipot", {"iterations": 0}, ValueError, "iterations must be >= 1"),
+        ("ipot", {"beta": float("inf")}, ValueError, "beta must be finite and > 0"),
+        ("ipot", {"beta": True}, TypeError, "beta must be a real number"),
+        ("ipot", {"iterations": True}, TypeError, "iterations must be an integer"),
+        ("sinkhorn", {"eps": 0.1, "iterations": 0}, ValueError, "iterations must be >= 1"),
+        ("sinkhorn", {"eps": -0.1}, ValueError, "eps must be finite and > 0"),
+        ("sinkhorn", {"eps": 0.1, "iterations": False}, TypeError, "iterations must be an integer"),
+    ],
+)
+@pytest.mark.parametrize("choice", ["torch", "triton"])
+def test_parameters_are_checked_whatever_the_backend(solver: str, kwargs: dict, error: type, match: str,
+                                                     choice: str) -> None:
+    with pytest.raises(error, match=match):
+        getattr(ot, solver)(_C, _T, _R, backend=choice, **kwargs)
+
+
+def test_distance_reads_the_cost_only_where_the_plan_moves_mass() -> None:
+    """<C, T> by hand: 0.25 * 0.2 + 0.75 * 0.6 = 0.5; the pads' NaN and inf costs are never read."""
+    nan, inf = float("nan"), float("inf")
+    cost = torch.tensor([[[0.2, 0.6, nan], [inf, -inf, nan]]], dtype=torch.float64)
+    plan = torch.tensor([[[0.25, 0.75, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)
+    dist = reference.transport_distance_ref(cost, plan)
+    assert dist.shape == (1,) and dist.item() == pytest.approx(0.5, rel=1e-15)
+
+
+def test_distance_of_an_fp64_cost_stays_fp64() -> None:
+    """fp64 cost with an fp32 plan: the sum runs in fp64 (an fp32 sum of these thirds is off by ~1e-8)."""
+    cost = torch.full((1, 30, 30), 1 / 3, dtype=torch.float64) + torch.arange(900.0, dtype=torch.float64).view(1, 30, 30)
+    plan = torch.full((1, 30, 30), 1 / 900, dtype=torch.float32)
+    dist = reference.transport_distance_ref(cost, plan)
+    assert dist.dtype == torch.float64
+    expected = math.fsum((cost[0] * plan[0].double()).flatten().tolist())
+    assert dist.item() == pytest.approx(expected, rel=1e-14)
+
+
+def test_cosine_cost_floors_the_norm_at_eps() -> None:
+    """F.normalize(eps=1e-5) by hand: x / max(|x|, 1e-5). A vector of norm 5e-6 becomes x / 1e-5 (norm 0.5), a zero
+    (padding) vector stays 0 (cost 1), a long one becomes unit."""
+    text = torch.tensor([[[3e-6, 4e-6], [0.0, 0.0], [3.0, 4.0]]], dtype=torch.float64)
+    regions = torch.tensor([[[1.0, 0.0], [0.0, 2e-6]]], dtype=torch.float64)
+    # normalised: text (0.3, 0.4), (0, 0), (0.6, 0.8); regions (1, 0), (0, 0.2)
+    expected = torch.tensor([[[1 - 0.3, 1 - 0.08], [1.0, 1.0], [1 - 0.6, 1 - 0.16]]], dtype=torch.float64)
+    assert reference.COSINE_EPS == 1e-5
+    torch.testing.assert_close(reference.cosine_cost_ref(text, regions), expected, rtol=0, atol=1e-12)

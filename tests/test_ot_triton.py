@@ -689,6 +689,29 @@ def test_packed_validation(change: dict, error: type, match: str) -> None:
         ot.wra_distance_packed(**args)
 
 
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"k": 0}, ValueError, "k must be >= 1"),
+        ({"beta": 0.0}, ValueError, "beta must be finite and > 0"),
+        ({"beta": True}, TypeError, "beta must be a real number"),
+        ({"iterations": 0}, ValueError, "iterations must be >= 1"),
+        ({"method": "sinkhorn_log", "eps": 0.0}, ValueError, "eps must be finite and > 0"),
+        ({"method": "sinkhorn_log", "eps": 0.1, "iterations": 0}, ValueError, "iterations must be >= 1"),
+        ({"method": "sinkhorn_log", "eps": 0.1, "tol": 0.0}, ValueError, "tol must be finite and > 0"),
+        ({"method": "ipot_log", "tol": float("nan")}, ValueError, "tol must be finite and > 0"),
+    ],
+)
+@pytest.mark.parametrize("choice", ["torch", "triton"])
+def test_wra_parameters_are_checked_whatever_the_backend(kwargs: dict, error: type, match: str, choice: str) -> None:
+    with pytest.raises(error, match=match):
+        ot.wra_distance(_X, _Y, _T, _R, backend=choice, **kwargs)
+    hidden = torch.cat([_X.flatten(0, 1), _Y.flatten(0, 1)])
+    with pytest.raises(error, match=match):
+        ot.wra_distance_packed(hidden, torch.tensor([0, 3]), _T, torch.tensor([6, 11]), _R, 3, 5, backend=choice,
+                               **kwargs)
+
+
 def test_explicit_triton_refuses_fp64(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(backend.ENV_VAR, "triton")
     with pytest.raises(backend.BackendUnavailable, match="ipot.*dtype torch.float64"):

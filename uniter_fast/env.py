@@ -33,6 +33,8 @@ def op_backends(device: torch.device, backend: str | None = None) -> dict[str, t
             out[op] = explain(op, backend, device, reason)
         except BackendUnavailable as err:
             out[op] = ("unavailable", str(err))
+        except ValueError as err:  # no such backend (UNITER_FAST_BACKEND=cuda): the report says so, it does not crash
+            out[op] = ("invalid", str(err))
     return out
 
 
