@@ -107,7 +107,6 @@ def batch_regions(images: Mapping[str, Regions], image_ids: Sequence[str], regio
     place and handed to pack_batch as PackedRegions, uncopied); any other Mapping is read image by image, per sample
     (features, boxes), without copying what is not masked.
     """
-    chosen = torch.from_numpy(np.concatenate(region_masks))
     gather = getattr(images, "gather", None)
     if gather is not None:
         got = gather(list(image_ids), soft_labels=soft_targets)
@@ -115,9 +114,11 @@ def batch_regions(images: Mapping[str, Regions], image_ids: Sequence[str], regio
         if counts != [len(m) for m in region_masks]:
             raise ValueError(f"batch_regions: the store gave {counts} regions for {list(image_ids)}, its index "
                              f"{[len(m) for m in region_masks]}")
-        feats = got.features[chosen] if feature_targets else None
-        soft = got.soft_labels[chosen] if soft_targets else None
-        got.features[chosen] = 0   # masked regions arrive zeroed; the model adds the learned [MASK] feature
+        # by row index: a boolean index over the whole (T, 2048) buffer took 16 ms a batch, even with no row masked
+        rows = torch.from_numpy(np.flatnonzero(np.concatenate(region_masks)))
+        feats = got.features.index_select(0, rows) if feature_targets else None
+        soft = got.soft_labels.index_select(0, rows) if soft_targets else None
+        got.features.index_fill_(0, rows, 0)  # masked regions arrive zeroed; the model adds the learned [MASK] feature
         return PackedRegions(got.features, got.boxes, counts), feats, soft
     regions, feats, soft = [], [], []
     for image_id, mask in zip(image_ids, region_masks):
