@@ -1,6 +1,8 @@
 """Builders shared by the tests: random packed batches and a tiny config."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -34,3 +36,16 @@ def random_samples(batch: int, *, img_dim: int = 24, vocab: int = 50, max_text: 
 def random_batch(batch: int = 4, **kwargs):
     texts, regions = random_samples(batch, **kwargs)
     return pack_batch(texts, regions), texts, regions
+
+
+def assert_same_batch(a, b, where: str) -> None:
+    """Two batches (dataclasses of tensors, nested) hold equal values of the same dtypes, field by field."""
+    for field in dataclasses.fields(a):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if dataclasses.is_dataclass(x):
+            assert_same_batch(x, y, f"{where}.{field.name}")
+        elif isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype, f"{where}.{field.name}: {x.dtype} vs {y}"
+            assert torch.equal(x, y), f"{where}.{field.name} differs"
+        else:
+            assert x == y, f"{where}.{field.name}: {x!r} != {y!r}"

@@ -7,12 +7,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+from helpers import assert_same_batch
 from uniter_fast.cli import main
 from uniter_fast.data.text_corpus import read_text_corpus
 from uniter_fast.train.config import PretrainConfig
-from uniter_fast.train.loop import TaskStreams, build_data, build_synthetic_data
+from uniter_fast.train.batches import TaskStreams, training_batches
+from uniter_fast.train.loop import build_data, build_synthetic_data
+from uniter_fast.train.tasks import TaskSampler
 
 RegionStore = pytest.importorskip("uniter_fast.data.region_store").RegionStore
 
@@ -51,18 +53,6 @@ def same_vocabulary(exported, monkeypatch):
     tokenizer = tokenizer_from_meta(read_text_corpus(exported[0] / "train.corpus.npz")[3])
     monkeypatch.setattr(loop, "caption_tokenizer", lambda split, vocab_size: tokenizer)
     return tokenizer
-
-
-def _assert_same(a, b, where: str) -> None:
-    for field in dataclasses.fields(a):
-        x, y = getattr(a, field.name), getattr(b, field.name)
-        if dataclasses.is_dataclass(x):
-            _assert_same(x, y, f"{where}.{field.name}")
-        elif isinstance(x, torch.Tensor):
-            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype, f"{where}.{field.name}: {x.dtype} vs {y}"
-            assert torch.equal(x, y), f"{where}.{field.name} differs"
-        else:
-            assert x == y, f"{where}.{field.name}: {x!r} != {y!r}"
 
 
 def test_export_writes_what_the_world_holds(exported, same_vocabulary):
@@ -104,7 +94,24 @@ def test_store_batches_equal_the_in_memory_batches(exported, same_vocabulary):
     streams = TaskStreams(memory.train, TASKS, cfg, rank=0), TaskStreams(stored.train, TASKS, from_files, rank=0)
     for task in TASKS:
         for k in range(3):
-            _assert_same(streams[0].next(task), streams[1].next(task), f"{task} batch {k}")
+            assert_same_batch(streams[0].next(task), streams[1].next(task), f"{task} batch {k}")
+
+
+def test_batches_read_from_the_store_ahead_are_the_in_memory_batches(exported, same_vocabulary):
+    """A thread reading the store (its C++ reader releasing the GIL) makes the in-memory world's batches."""
+    files, cfg = exported
+    from_files = PretrainConfig.from_json(files / "pretrain.json")
+    memory, stored = build_synthetic_data(cfg), build_data(from_files)
+    runs = []
+    for corpus, run_cfg, ahead in ((memory.train, cfg, 0), (stored.train, from_files, 2)):
+        run_cfg = run_cfg.replace(num_train_steps=16)
+        sampler = TaskSampler(run_cfg.tasks, run_cfg.seed, run_cfg.task_phases)
+        runs.append(list(training_batches(TaskStreams(corpus, TASKS, run_cfg, rank=0), sampler, run_cfg, ahead,
+                                          pin_memory=False)))
+    assert [b.task for b in runs[0]] == [b.task for b in runs[1]] and len(runs[0]) == 16
+    assert {"mrc", "mrckl", "mrfr"} <= {b.task for b in runs[0]}  # the tasks that read the store's soft labels too
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_same_batch(a, b, f"update {i}")
 
 
 def test_pretraining_from_files_runs_and_matches_memory(exported, same_vocabulary, tmp_path):

@@ -88,22 +88,22 @@ NO_DROPOUT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 
 
 def _run_config(tmp_path, **changes) -> PretrainConfig:
     out = "unused" if tmp_path is None else str(tmp_path / "run")
-    return PretrainConfig(data=DataOptions(world=WORLD, vocab_size=150), output_dir=out,
-                          model=ModelOptions(overrides=NO_DROPOUT), train_batch_size=600, warmup_steps=2,
-                          **changes)
+    changes = {"model": ModelOptions(overrides=NO_DROPOUT), **changes}
+    return PretrainConfig(data=DataOptions(world=WORLD, vocab_size=150), output_dir=out, train_batch_size=600,
+                          warmup_steps=2, **changes)
 
 
 def test_gradients_are_summed_over_accumulation_steps(tmp_path, monkeypatch):
     """gradient_accumulation_steps=2 with the same micro-batch twice: at the update the gradient is twice one
     micro-batch's (the original sums, it does not average), and the run draws 2 micro-batches per update."""
     drawn, seen, captured = [], {}, []
-    real_next, real_build = loop.TaskStreams.next, loop.build_engine
+    real_make, real_build = loop.TaskStreams.make, loop.build_engine
 
-    def same_batch(self, task):
-        drawn.append(task)
-        if task not in seen:
-            seen[task] = real_next(self, task)
-        return seen[task]
+    def same_batch(self, plan):
+        drawn.append(plan.task)
+        if plan.task not in seen:
+            seen[plan.task] = real_make(self, plan)
+        return seen[plan.task]
 
     def spy_engine(model, cfg):
         seen["initial"] = copy.deepcopy(model)
@@ -119,7 +119,7 @@ def test_gradients_are_summed_over_accumulation_steps(tmp_path, monkeypatch):
         engine.step = recording_step
         return engine
 
-    monkeypatch.setattr(loop.TaskStreams, "next", same_batch)
+    monkeypatch.setattr(loop.TaskStreams, "make", same_batch)
     monkeypatch.setattr(loop, "build_engine", spy_engine)
     cfg = _run_config(tmp_path, tasks={"mlm": 1}, num_train_steps=2, gradient_accumulation_steps=2, zero_stage=0,
                       eval=EvalOptions(val_batches=1, retrieval_images=4))
@@ -134,6 +134,19 @@ def test_gradients_are_summed_over_accumulation_steps(tmp_path, monkeypatch):
     assert sum(bool(g.abs().sum() > 0) for g in expected.values()) > 20
     for name, grad in expected.items():
         torch.testing.assert_close(captured[0][name], 2 * grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_run_with_batches_made_ahead_trains_as_one_without(tmp_path):
+    """Same batches, same dropout: a thread making the batches ahead changes nothing the run logs."""
+    histories = []
+    for ahead in (0, 2):
+        cfg = _run_config(tmp_path / f"ahead{ahead}", tasks={"mlm": 1, "itm": 1, "mrfr": 1}, num_train_steps=4,
+                          zero_stage=0, prefetch_batches=ahead, log_every=1, eval=EvalOptions(val_batches=1, retrieval_images=4),
+                          model=ModelOptions(overrides={**NO_DROPOUT, "hidden_dropout_prob": 0.1}))
+        loop.pretrain(cfg, progress=False)
+        histories.append(json.loads((tmp_path / f"ahead{ahead}" / "run" / "history.json").read_text()))
+    assert len(histories[0]) == 4 and {row["task"] for row in histories[0]} >= {"mlm", "itm"}
+    assert histories[0] == histories[1]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,14 @@ class PretrainBatch:
             moved[f.name] = value.to(device, non_blocking=non_blocking) if hasattr(value, "to") else value
         return PretrainBatch(**moved)
 
+    def pin_memory(self) -> "PretrainBatch":
+        """A copy in page-locked memory, for asynchronous copies to a GPU (DataLoader's pin_memory calls this)."""
+        pinned = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in pinned.items():
+            if hasattr(value, "pin_memory"):
+                pinned[name] = value.pin_memory()
+        return PretrainBatch(**pinned)
+
 
 @dataclass
 class TaskOutput:

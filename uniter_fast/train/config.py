@@ -129,6 +129,9 @@ class PretrainConfig:
     # ours: run the encoder under torch.compile with this backend ("inductor" on a GPU fuses the passes around
     # the matrix products; the attention kernels stay whole as custom ops). None: eager. Not with ZeRO-3 yet.
     compile: str | None = None
+    # ours: batches a thread makes ahead while a step runs (uniter_fast/train/batches.py); None: 2 on a GPU, 0 on
+    # the CPU (where the thread would take a core from the step)
+    prefetch_batches: int | None = None
     seed: int = 42
     output_dir: str = "runs/pretrain"
     log_every: int = 10
@@ -154,6 +157,8 @@ class PretrainConfig:
             _check_int(getattr(self, name), name, least=1)
         for name in ("warmup_steps", "seed"):
             _check_int(getattr(self, name), name, least=0)
+        if self.prefetch_batches is not None:
+            _check_int(self.prefetch_batches, "prefetch_batches", least=0)
         for name, ok, expected in (("learning_rate", lambda v: v > 0, "a number > 0"),
                                    ("adam_eps", lambda v: v > 0, "a number > 0"),
                                    ("weight_decay", lambda v: v >= 0, "a number >= 0"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uniter_fast.data.pretrain import MaskingOptions, PretrainCorpus, Vocab, make_task_batch
+from uniter_fast.data.pretrain import PretrainCorpus, Vocab
 from uniter_fast.data.sampler import TokenBucketSampler
 from uniter_fast.data.synthetic import caption_tokenizer, make_world
 from uniter_fast.data.text_corpus import read_text_corpus, tokenizer_from_meta
@@ -22,6 +22,7 @@ from uniter_fast.eval.validation import validate
 from uniter_fast.model.checkpoint import save_checkpoint
 from uniter_fast.model.pretrain import UniterForPretraining
 from uniter_fast.objectives.tasks import TEXT_MASKED
+from uniter_fast.train.batches import TaskStreams, training_batches
 from uniter_fast.train.config import PretrainConfig
 from uniter_fast.train.engine import build_engine, full_parameters, init_distributed
 from uniter_fast.train.tasks import TaskSampler
@@ -183,25 +184,6 @@ def retrieval_eval(model, data: PretrainData, num_images: int, device: torch.dev
     return recall_at_k(scores, list(range(len(image_ids))))
 
 
-class TaskStreams:
-    """One endless token-bucket stream of batches per task over this rank's shard (the original's loaders)."""
-
-    def __init__(self, corpus: PretrainCorpus, tasks, cfg: PretrainConfig, rank: int):
-        self.corpus, self.cfg, self.rank = corpus, cfg, rank
-        self.options = MaskingOptions(mrm_prob=cfg.mrm_prob, itm_neg_prob=cfg.itm_neg_prob,
-                                      conditional_masking=cfg.conditional_masking)
-        self.task_index = {t: i for i, t in enumerate(tasks)}
-        self.iters = {t: iter(TokenBucketSampler(corpus.lens, batch_tokens=cfg.train_batch_size,
-                                                 seed=cfg.seed * 1000 + i)) for t, i in self.task_index.items()}
-        self.drawn = defaultdict(int)  # batches drawn per task: with the seed, fixes each batch's masks
-
-    def next(self, task: str):
-        indices = next(self.iters[task])
-        rng = np.random.default_rng([self.cfg.seed, self.rank, self.task_index[task], self.drawn[task]])
-        self.drawn[task] += 1
-        return make_task_batch(self.corpus, task, indices, rng, self.options)
-
-
 def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Run pre-training as configured; rank 0 writes the checkpoint, metrics.json and curves.png to output_dir,
     which must be empty or absent unless `overwrite` (then the run's files replace those of the same name)."""
@@ -232,13 +214,15 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     pending: list[tuple[int, str, dict]] = []  # metrics still on the device, read every log_every updates
     started = time.time()
     tokens = 0
+    ahead = cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if device.type == "cuda" else 0)
+    batches = training_batches(streams, sampler, cfg, ahead, pin_memory=device.type == "cuda" and ahead > 0)
     bar = tqdm(range(cfg.num_train_steps), desc="pretrain", disable=not progress or rank != 0, dynamic_ncols=True)
     for update in bar:
         task = sampler.task_for(update)
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = streams.next(task)
+            batch = next(batches)
             tokens += batch.inputs.total_tokens
-            out = engine(batch.to(device))
+            out = engine(batch.to(device, non_blocking=True))  # asynchronous from pinned memory
             engine.backward(out.loss, scale_wrt_gas=False)  # the original sums gradients over accumulation
             engine.step()
         pending.append((update + 1, task, out.metrics))

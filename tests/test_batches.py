@@ -1,0 +1,100 @@
+"""The training batches: planned in update order, made alike when asked for and ahead on a thread."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from helpers import assert_same_batch
+from uniter_fast.data.synthetic import WorldConfig
+from uniter_fast.train.batches import TaskStreams, training_batches
+from uniter_fast.train.config import DataOptions, PretrainConfig
+from uniter_fast.train.loop import build_synthetic_data
+from uniter_fast.train.tasks import TaskSampler
+
+WORLD = WorldConfig(seed=3, num_train_images=30, num_val_images=6, captions_per_image=2, max_regions=10)
+CFG = PretrainConfig(data=DataOptions(world=WORLD, vocab_size=120), train_batch_size=600, num_train_steps=5,
+                     gradient_accumulation_steps=2, tasks={"mlm": 1, "itm": 1, "mrfr": 1, "mrckl": 1},
+                     task_phases=({"steps": 1, "tasks": {"mrc": 1}},))
+TASKS = ("mrc", "mlm", "itm", "mrfr", "mrckl")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return build_synthetic_data(CFG).train
+
+
+def _batches(corpus, prefetch: int) -> list:
+    streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+    sampler = TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases)
+    return list(training_batches(streams, sampler, CFG, prefetch, pin_memory=False))
+
+
+def test_micro_batches_follow_the_task_sampler(corpus):
+    batches = _batches(corpus, 0)
+    sampler = TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases)
+    assert [b.task for b in batches] == [sampler.task_for(u) for u in range(5) for _ in range(2)]
+    assert batches[0].task == "mrc"  # the phase
+    # an update's micro-batches are two draws of its task's stream, not one batch twice
+    assert batches[0].inputs.input_ids.shape != batches[1].inputs.input_ids.shape or \
+        not (batches[0].inputs.input_ids == batches[1].inputs.input_ids).all()
+
+
+def test_a_planned_batch_is_the_batch_next_makes(corpus):
+    planned, direct = TaskStreams(corpus, TASKS, CFG, rank=0), TaskStreams(corpus, TASKS, CFG, rank=0)
+    for task in ("mlm", "itm", "mrckl", "mlm"):
+        plan = planned.plan(task)
+        assert plan.seed[2] == TASKS.index(task)
+        assert_same_batch(planned.make(plan), direct.next(task), task)
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_batches_made_ahead_are_the_batches_made_when_asked_for(corpus, prefetch):
+    expected, got = _batches(corpus, 0), _batches(corpus, prefetch)
+    assert len(got) == len(expected) == 10
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_same_batch(a, b, f"micro-batch {i}, {prefetch} ahead")
+
+
+def test_an_error_making_a_batch_ahead_is_raised_where_that_batch_is_asked_for(corpus, monkeypatch):
+    made = []
+    real_make = TaskStreams.make
+
+    def make(self, plan):
+        if len(made) == 3:
+            raise ValueError("record img7 of shard-00000.rgs is damaged")
+        made.append(plan)
+        return real_make(self, plan)
+
+    monkeypatch.setattr(TaskStreams, "make", make)
+    streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, 2, False)
+    got = [next(batches) for _ in range(3)]
+    assert [b.task for b in got] == [p.task for p in made]
+    with pytest.raises(ValueError, match="record img7 of shard-00000.rgs is damaged"):
+        next(batches)
+
+
+def test_a_consumer_that_stops_early_stops_the_thread(corpus):
+    streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, 1, False)
+    next(batches)
+    batches.close()
+    for _ in range(50):
+        if not any(t.name == "uniter-fast batches" for t in threading.enumerate()):
+            break
+        time.sleep(0.1)
+    assert not any(t.name == "uniter-fast batches" for t in threading.enumerate())
+    assert sum(streams.drawn.values()) <= 3  # the one consumed, at most one queued and one being made
+
+
+@pytest.mark.gpu
+def test_batches_arrive_pinned_for_asynchronous_copies(corpus):
+    streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+    sampler = TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases)
+    batches = list(training_batches(streams, sampler, CFG, 2, pin_memory=True))
+    expected = _batches(corpus, 0)
+    for i, (a, b) in enumerate(zip(batches, expected)):
+        assert a.inputs.img_feat.is_pinned() and a.inputs.input_ids.is_pinned(), f"micro-batch {i} is not pinned"
+        assert_same_batch(a.to("cuda", non_blocking=True).to("cpu"), b, f"micro-batch {i}")
