@@ -32,6 +32,7 @@ from harness import CsvWriter, add_csv_options, cpu_label, median, quantile, res
 from uniter_fast.data import RegionStore, RegionStoreWriter
 from uniter_fast.data import pretrain
 from uniter_fast.data.pretrain import PretrainCorpus, Vocab, make_task_batch
+from uniter_fast.data.region_store import INDEX_NAME
 from uniter_fast.data.sampler import TokenBucketSampler
 from uniter_fast.train.batches import TaskStreams, training_batches
 from uniter_fast.train.config import PretrainConfig
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="bench_collate_"))
     path = root / f"store-{args.images}"
     rng = np.random.default_rng(0)
-    if not (path / "index.json").exists():
+    if not (path / INDEX_NAME).exists():  # written last, on close: a store whose writing stopped has none
         shutil.rmtree(path, ignore_errors=True)
         write_store(path, args.images, rng)
     store = RegionStore(path, threads=args.threads)
