@@ -89,6 +89,10 @@ def test_packed_regions_are_taken_without_a_copy():
     assert got.img_feat.data_ptr() == features.data_ptr()  # the gathered buffer itself
     with pytest.raises(ValueError, match="do not hold the counts"):
         pack_batch(texts, PackedRegions(features, boxes7, [c + 1 for c in counts]))
+    with pytest.raises(ValueError, match="packed regions: boxes must have 6 or 7 columns, got 5"):
+        pack_batch(texts, PackedRegions(features, boxes7[:, :5], counts))
+    with pytest.raises(ValueError, match="5 texts but 4 region entries"):
+        pack_batch(texts, PackedRegions(features, boxes7, [*counts[:-2], counts[-2] + counts[-1]]))
 
 
 def test_packed_regions_with_six_column_boxes_get_the_area():

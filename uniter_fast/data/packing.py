@@ -99,6 +99,18 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
 
 
+def _as_array(x):
+    """A tensor as it is, anything else as a numpy array: concatenated once per batch (_concat), not per sample."""
+    return x if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(x)
+
+
+def _concat(parts: list, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sample 1-D tensors or arrays as one tensor of dtype (numpy arrays concatenated before conversion)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return torch.from_numpy(np.concatenate(parts)).to(dtype)
+    return torch.cat([_as_tensor(p).to(dtype) for p in parts])
+
+
 def pack_batch(
     text_ids: Sequence,
     regions: Sequence,
@@ -114,59 +126,38 @@ def pack_batch(
         PackedRegions for the whole batch (used without a copy).
     token_type_ids / img_type_ids / img_masks: optional per-sample sequences matching the text / regions.
     """
-    packed = regions if isinstance(regions, PackedRegions) else None
-    if packed is not None:
-        regions = _split_packed(packed)
-    if len(text_ids) != len(regions):
-        raise ValueError(f"pack_batch: {len(text_ids)} texts but {len(regions)} region entries")
-    if len(text_ids) == 0:
-        raise ValueError("pack_batch: the batch is empty")
     batch = len(text_ids)
-    ids, feats, boxes, ttypes, itypes, masks = [], [], [], [], [], []
-    img_dim = None
+    regions_given = len(regions.counts) if isinstance(regions, PackedRegions) else len(regions)
+    if batch != regions_given:
+        raise ValueError(f"pack_batch: {batch} texts but {regions_given} region entries")
+    if batch == 0:
+        raise ValueError("pack_batch: the batch is empty")
+    if isinstance(regions, PackedRegions):
+        counts, img_feat, img_pos = _packed_regions(regions)
+    else:
+        counts, img_feat, img_pos = _sample_regions(regions)
+    ids, ttypes, itypes, masks = [], [], [], []
     for b in range(batch):
-        t = _as_tensor(text_ids[b]).long()
-        if t.dim() != 1:
+        t = _as_array(text_ids[b])
+        if t.ndim != 1:
             raise ValueError(f"pack_batch: sample {b}: text ids must be 1-D, got shape {tuple(t.shape)}")
         ids.append(t)
-        ttypes.append(torch.zeros_like(t) if token_type_ids is None else _as_tensor(token_type_ids[b]).long())
-        if ttypes[-1].shape != t.shape:
-            raise ValueError(f"pack_batch: sample {b}: token_type_ids shape {tuple(ttypes[-1].shape)} "
-                             f"does not match its text {tuple(t.shape)}")
-        if regions[b] is None:
-            f, bx = torch.zeros(0, img_dim or IMG_DIM), torch.zeros(0, 7)
-        else:
-            try:
-                f, bx = regions[b]
-            except (TypeError, ValueError):
-                raise ValueError(f"pack_batch: sample {b}: regions must be (features, boxes) or None") from None
-            f, bx = _as_tensor(f), _as_tensor(bx)
-            if f.dim() != 2 or bx.dim() != 2 or f.shape[0] != bx.shape[0]:
-                raise ValueError(f"pack_batch: sample {b}: features {tuple(f.shape)} and boxes {tuple(bx.shape)} "
-                                 "must be (n, img_dim) and (n, 6 or 7)")
-            if bx.shape[1] == 6:
-                bx = box7(bx.float())
-            elif bx.shape[1] != 7:
-                raise ValueError(f"pack_batch: sample {b}: boxes must have 6 or 7 columns, got {bx.shape[1]}")
-            if img_dim is not None and f.shape[1] != img_dim:
-                raise ValueError(f"pack_batch: sample {b}: feature dim {f.shape[1]} differs from earlier samples' {img_dim}")
-            img_dim = f.shape[1]
-        if t.shape[0] + f.shape[0] == 0:
+        if t.shape[0] + counts[b] == 0:
             raise ValueError(f"pack_batch: sample {b} has neither text nor regions")
-        feats.append(f)
-        boxes.append(bx.float())
-        n = f.shape[0]
-        itypes.append(torch.ones(n, dtype=torch.long) if img_type_ids is None else _as_tensor(img_type_ids[b]).long())
-        masks.append(None if img_masks is None else _as_tensor(img_masks[b]).bool())
-        for name, value in (("img_type_ids", itypes[-1]), ("img_masks", masks[-1])):
-            if value is not None and value.shape != (n,):
-                raise ValueError(f"pack_batch: sample {b}: {name} shape {tuple(value.shape)} does not match its {n} regions")
-    if img_dim is not None:  # text-only samples took the default width before the first image was seen
-        feats = [f if f.shape[1] == img_dim else f.new_zeros(0, img_dim) for f in feats]
-    feat_dtype = next((f.dtype for f in feats if f.shape[0]), torch.float32)
+        if token_type_ids is not None:
+            ttypes.append(_as_array(token_type_ids[b]))
+            if tuple(ttypes[-1].shape) != tuple(t.shape):
+                raise ValueError(f"pack_batch: sample {b}: token_type_ids shape {tuple(ttypes[-1].shape)} "
+                                 f"does not match its text {tuple(t.shape)}")
+        for name, given, parts in (("img_type_ids", img_type_ids, itypes), ("img_masks", img_masks, masks)):
+            if given is not None:
+                parts.append(_as_array(given[b]))
+                if tuple(parts[-1].shape) != (counts[b],):
+                    raise ValueError(f"pack_batch: sample {b}: {name} shape {tuple(parts[-1].shape)} does not match "
+                                     f"its {counts[b]} regions")
 
     text_lens = torch.tensor([t.shape[0] for t in ids], dtype=torch.int32)
-    region_lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.int32)
+    region_lens = torch.tensor(counts, dtype=torch.int32)
     seq_lens = text_lens + region_lens
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.cumsum(seq_lens, 0)
@@ -186,13 +177,15 @@ def pack_batch(
     gather_index[region_rows] = total_text + torch.arange(total_regions)
 
     return PackedBatch(
-        input_ids=torch.cat(ids),
+        input_ids=_concat(ids, torch.long),
         position_ids=torch.arange(total_text) - text_start.long()[sample_of_text],
-        token_type_ids=torch.cat(ttypes),
-        img_feat=packed.features if packed is not None else torch.cat([f.to(feat_dtype) for f in feats]),
-        img_pos=torch.cat(boxes) if packed is None or packed.boxes.shape[1] != 7 else packed.boxes.float(),
-        img_type_ids=torch.cat(itypes),
-        img_masks=None if img_masks is None else torch.cat(masks),
+        token_type_ids=(torch.zeros(total_text, dtype=torch.long) if token_type_ids is None
+                        else _concat(ttypes, torch.long)),
+        img_feat=img_feat,
+        img_pos=img_pos,
+        img_type_ids=(torch.ones(total_regions, dtype=torch.long) if img_type_ids is None
+                      else _concat(itypes, torch.long)),
+        img_masks=None if img_masks is None else _concat(masks, torch.bool),
         text_lens=text_lens,
         region_lens=region_lens,
         cu_seqlens=cu_seqlens,
@@ -205,12 +198,46 @@ def pack_batch(
     )
 
 
-def _split_packed(packed: PackedRegions) -> list:
-    """Per-sample views of packed regions (no copy), so pack_batch checks them as it checks per-sample input."""
+def _packed_regions(packed: PackedRegions) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(regions of each sample, features, boxes with w*h) of regions packed already, checked as a whole."""
     counts = [int(n) for n in packed.counts]
-    if packed.features.dim() != 2 or packed.boxes.dim() != 2 or packed.features.shape[0] != packed.boxes.shape[0] \
-            or sum(counts) != packed.features.shape[0] or min(counts, default=0) < 0:
-        raise ValueError(f"pack_batch: packed regions of features {tuple(packed.features.shape)} and boxes "
-                         f"{tuple(packed.boxes.shape)} do not hold the counts {counts[:8]}{' ...' if len(counts) > 8 else ''}")
-    features, boxes = torch.split(packed.features, counts), torch.split(packed.boxes, counts)
-    return [(f, b) if n else None for f, b, n in zip(features, boxes, counts)]
+    features, boxes = packed.features, packed.boxes
+    if features.dim() != 2 or boxes.dim() != 2 or features.shape[0] != boxes.shape[0] \
+            or sum(counts) != features.shape[0] or min(counts, default=0) < 0:
+        raise ValueError(f"pack_batch: packed regions of features {tuple(features.shape)} and boxes "
+                         f"{tuple(boxes.shape)} do not hold the counts {counts[:8]}{' ...' if len(counts) > 8 else ''}")
+    if boxes.shape[1] not in (6, 7):
+        raise ValueError(f"pack_batch: packed regions: boxes must have 6 or 7 columns, got {boxes.shape[1]}")
+    return counts, features, boxes.float() if boxes.shape[1] == 7 else box7(boxes.float())
+
+
+def _sample_regions(regions: Sequence) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(regions of each sample, features, boxes with w*h) of per-sample (features, boxes) or None, concatenated."""
+    counts, feats, boxes = [], [], []
+    img_dim = None
+    for b, sample in enumerate(regions):
+        if sample is None:
+            counts.append(0)
+            continue
+        try:
+            f, bx = sample
+        except (TypeError, ValueError):
+            raise ValueError(f"pack_batch: sample {b}: regions must be (features, boxes) or None") from None
+        f, bx = _as_tensor(f), _as_tensor(bx)
+        if f.dim() != 2 or bx.dim() != 2 or f.shape[0] != bx.shape[0]:
+            raise ValueError(f"pack_batch: sample {b}: features {tuple(f.shape)} and boxes {tuple(bx.shape)} "
+                             "must be (n, img_dim) and (n, 6 or 7)")
+        if bx.shape[1] == 6:
+            bx = box7(bx.float())
+        elif bx.shape[1] != 7:
+            raise ValueError(f"pack_batch: sample {b}: boxes must have 6 or 7 columns, got {bx.shape[1]}")
+        if img_dim is not None and f.shape[1] != img_dim:
+            raise ValueError(f"pack_batch: sample {b}: feature dim {f.shape[1]} differs from earlier samples' "
+                             f"{img_dim}")
+        img_dim = f.shape[1]
+        counts.append(f.shape[0])
+        feats.append(f)
+        boxes.append(bx.float())
+    dtype = next((f.dtype for f in feats if f.shape[0]), torch.float32)
+    features = torch.cat([f.to(dtype) for f in feats]) if feats else torch.zeros(0, IMG_DIM)
+    return counts, features, torch.cat(boxes) if boxes else torch.zeros(0, 7)
