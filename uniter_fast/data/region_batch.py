@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections.abc
 import mmap
-import queue
 import sys
 import threading
 import warnings
@@ -16,6 +15,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from uniter_fast.data.ahead import Ahead
 
 if TYPE_CHECKING:
     from uniter_fast.data.region_store import RegionStore
@@ -166,7 +167,7 @@ def carved_bytes(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
                for shape, dtype in shapes)
 
 
-class Prefetcher:
+class Prefetcher(Ahead):
     """The iterator `RegionStore.prefetch` returns: a thread gathers ahead into a bounded queue.
 
     close() (or leaving a `with` block, or dropping the iterator) stops the thread.
@@ -174,62 +175,8 @@ class Prefetcher:
 
     def __init__(self, store: "RegionStore", batches: Iterable[Sequence[str]], depth: int, reuse: bool,
                  gather_kwargs: dict):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._done = False
-        # The thread gets the queue and the event, not self: dropping the iterator must be able to stop it.
-        self._thread = threading.Thread(
-            target=_produce, name="RegionStore.prefetch", daemon=True,
-            args=(self._queue, self._stop, store, iter(batches), depth + 2 if reuse else 0, gather_kwargs))
-        self._thread.start()
-
-    def __iter__(self) -> "Prefetcher":
-        return self
-
-    def __next__(self) -> RegionBatch:
-        if self._done:
-            raise StopIteration
-        item = self._queue.get()
-        if item is _END:
-            self.close()
-            raise StopIteration
-        if isinstance(item, _Failure):
-            self.close()
-            raise item.exc
-        return item
-
-    def close(self) -> None:
-        self._done = True
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def __enter__(self) -> "Prefetcher":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self._stop.set()
-
-
-_END = object()
-
-
-@dataclass
-class _Failure:
-    exc: BaseException
-
-
-def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.05)
-            return True
-        except queue.Full:
-            continue
-    return False
+        super().__init__(_gathered(store, iter(batches), depth + 2 if reuse else 0, gather_kwargs), depth,
+                         "RegionStore.prefetch")
 
 
 def _big_enough(store: "RegionStore", buffers: RegionBatch | None, ids: Sequence[str],
@@ -246,25 +193,16 @@ def _big_enough(store: "RegionStore", buffers: RegionBatch | None, ids: Sequence
                              pin_memory=gather_kwargs.get("pin_memory", False))
 
 
-def _produce(q: queue.Queue, stop: threading.Event, store: "RegionStore", batches: Iterator, ring_size: int,
-             gather_kwargs: dict) -> None:
+def _gathered(store: "RegionStore", batches: Iterator, ring_size: int, gather_kwargs: dict) -> Iterator[RegionBatch]:
     # With reuse, a ring of depth + 2 buffer sets: one being consumed, `depth` queued, one being filled.
     ring: list[RegionBatch | None] = [None] * ring_size
-    try:
-        for k, ids in enumerate(batches):
-            if stop.is_set():
-                return
-            if not isinstance(ids, collections.abc.Sized):
-                ids = list(ids)
-            out = None
-            if ring_size:
-                out = _big_enough(store, ring[k % ring_size], ids, gather_kwargs)
-            batch = store.gather(ids, out=out, **gather_kwargs)
-            if ring_size:
-                ring[k % ring_size] = batch
-            if not _put(q, stop, batch):
-                return
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-        _put(q, stop, _Failure(exc))
-        return
-    _put(q, stop, _END)
+    for k, ids in enumerate(batches):
+        if not isinstance(ids, collections.abc.Sized):
+            ids = list(ids)
+        out = None
+        if ring_size:
+            out = _big_enough(store, ring[k % ring_size], ids, gather_kwargs)
+        batch = store.gather(ids, out=out, **gather_kwargs)
+        if ring_size:
+            ring[k % ring_size] = batch
+        yield batch

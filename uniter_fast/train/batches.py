@@ -9,14 +9,13 @@ page faults for a 23 MB batch), where the collate itself takes 6-14 ms (benchmar
 """
 from __future__ import annotations
 
-import queue
-import threading
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
+from uniter_fast.data.ahead import Ahead
 from uniter_fast.data.pretrain import MaskingOptions, PretrainCorpus, make_task_batch
 from uniter_fast.data.sampler import TokenBucketSampler
 from uniter_fast.objectives.tasks import PretrainBatch
@@ -60,9 +59,6 @@ class TaskStreams:
         return self.make(self.plan(task))
 
 
-_DONE = object()  # the producer's last item
-
-
 def training_batches(streams: TaskStreams, sampler: TaskSampler, cfg: PretrainConfig, prefetch: int,
                      pin_memory: bool) -> Iterator[PretrainBatch]:
     """The run's micro-batches in order: gradient_accumulation_steps of sampler.task_for(update) per update.
@@ -77,39 +73,4 @@ def training_batches(streams: TaskStreams, sampler: TaskSampler, cfg: PretrainCo
     made = map(streams.make, plans)
     if pin_memory:
         made = (batch.pin_memory() for batch in made)
-    return made if prefetch == 0 else _ahead(made, prefetch)
-
-
-def _ahead(items: Iterator, count: int) -> Iterator:
-    """items, made on a thread of their own up to `count` ahead of the consumer."""
-    ready: queue.Queue = queue.Queue(maxsize=count)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        """Waits for room unless the consumer has stopped; whether the item went in."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    return
-            put(_DONE)
-        except BaseException as err:  # handed to the consumer, raised where it asks for that batch
-            put(err)
-
-    producer = threading.Thread(target=produce, name="uniter-fast batches", daemon=True)
-    producer.start()
-    try:
-        while (item := ready.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:  # the consumer finished or stopped early: the producer stops at its next batch
-        stop.set()
+    return made if prefetch == 0 else Ahead(made, prefetch, "uniter-fast batches")
