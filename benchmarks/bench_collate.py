@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """The pre-training batch on the host: make_task_batch per task, from a region store at UNITER's sizes.
 
-The training loop builds each batch on its own thread before the step that uses it (uniter_fast/train/loop.py),
-so on a GPU this time comes on top of the step's unless the GPU is still busy with the previous one. Per task:
+Unless prefetch_batches makes them ahead, the training loop builds each batch on the training thread before the
+step that uses it (uniter_fast/train/loop.py), so on a GPU this time comes on top of the step's unless the GPU is
+still busy with the previous one. Per task:
 the whole collate (masking, the store's gather, pack_batch, targets) and, inside the same calls, the time its
 two largest parts took: the store's gather and pack_batch. Then the hand-over: the training loop's batch stream
 (uniter_fast/train/batches.py, the original's task mix) consumed by a stand-in step that sleeps --step-ms (a
@@ -105,7 +106,15 @@ def timed_collate(corpus: PretrainCorpus, store: RegionStore, task: str, plan: l
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the collate's tensors are small; a second OpenMP thread waits for a busy core here
+    try:
+        run(args)
+    finally:
+        torch.set_num_threads(threads)  # as it was, for a caller in the same process (a test)
+
+
+def run(args: argparse.Namespace) -> None:
     root = args.data_dir or Path(tempfile.mkdtemp(prefix="bench_collate_"))
     path = root / f"store-{args.images}"
     rng = np.random.default_rng(0)
@@ -125,11 +134,12 @@ def main(argv=None) -> None:
     for task in args.tasks:
         plan = [(list(next(sampler)), np.random.default_rng([1, i])) for i in range(args.batches)]
         made = [make_task_batch(corpus, task, ids, rng) for ids, rng in plan]  # untimed: checksums, buffer pool
+        tokens = sum(b.inputs.total_tokens for b in made) / len(made)
+        del made  # its buffers back to the store's pool before the timed pass
         plan = [(ids, np.random.default_rng([2, i])) for i, (ids, _) in enumerate(plan)]
         times = timed_collate(corpus, store, task, plan)
         collate, gather, pack = times["collate"], times["gather"], times["pack_batch"]
         samples = sum(len(ids) for ids, _ in plan) / len(plan)
-        tokens = sum(b.inputs.total_tokens for b in made) / len(made)
         ms = median(collate)
         print(f"{task:<7}{_cell(collate):>18}{_cell(gather):>16}{_cell(pack):>16}{samples:>9.0f}"
               f"{samples / ms * 1e3:>11.0f}{tokens / ms * 1e3:>15.0f}")

@@ -24,3 +24,16 @@ def test_bench_collate_reports_every_task_and_the_hand_over(tmp_path, capsys):
     bench_collate.main(["--images", "24", "--batches", "1", "--tasks", "itm", "--prefetch", "0", "--step-ms", "0",
                         "--data-dir", str(tmp_path), "--no-csv"])
     assert index.stat().st_mtime_ns == written, "--data-dir's store was written again instead of reused"
+
+
+def test_bench_collate_leaves_torch_threads_as_they_were(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench_collate.main(["--images", "8", "--batches", "1", "--tasks", "itm", "--prefetch", "0", "--step-ms", "0",
+                            "--data-dir", str(tmp_path), "--no-csv"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

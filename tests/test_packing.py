@@ -131,3 +131,13 @@ def test_given_type_ids_and_masks_are_packed_in_sample_order():
     assert 0 < batch.img_type_ids.sum() < len(batch.img_type_ids)
     with pytest.raises(ValueError, match="sample 0: token_type_ids shape"):
         pack_batch(texts, regions, token_type_ids=[t[:-1] for t in token_types])
+
+
+def test_ids_past_two_to_the_53_are_kept_exactly_whatever_the_other_samples_hold():
+    """Numpy samples are concatenated, not converted one by one: an empty list (float64 in numpy) beside them must not
+    turn the batch's ids into floats."""
+    big = np.array([101, 2**53 + 1, 102], dtype=np.int64)
+    for other in ([], np.array([7.0]), np.array([5], dtype=np.uint64)):
+        one_region = (torch.zeros(1, 4), torch.zeros(1, 7))
+        batch = pack_batch([big, other], [one_region, one_region])
+        assert batch.input_ids[:3].tolist() == [101, 2**53 + 1, 102], other

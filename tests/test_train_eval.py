@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -141,12 +142,36 @@ def test_a_run_with_batches_made_ahead_trains_as_one_without(tmp_path):
     histories = []
     for ahead in (0, 2):
         cfg = _run_config(tmp_path / f"ahead{ahead}", tasks={"mlm": 1, "itm": 1, "mrfr": 1}, num_train_steps=4,
-                          zero_stage=0, prefetch_batches=ahead, log_every=1, eval=EvalOptions(val_batches=1, retrieval_images=4),
+                          zero_stage=0, prefetch_batches=ahead, log_every=1,
+                          eval=EvalOptions(val_batches=1, retrieval_images=4),
                           model=ModelOptions(overrides={**NO_DROPOUT, "hidden_dropout_prob": 0.1}))
         loop.pretrain(cfg, progress=False)
         histories.append(json.loads((tmp_path / f"ahead{ahead}" / "run" / "history.json").read_text()))
     assert len(histories[0]) == 4 and {row["task"] for row in histories[0]} >= {"mlm", "itm"}
     assert histories[0] == histories[1]
+
+
+def test_a_failing_step_leaves_no_thread_making_batches(tmp_path, monkeypatch):
+    """The run's error reaches the caller, and the batch thread stops even while the caller keeps the error (its
+    traceback holding the loop's frame, and so the batch iterator, alive)."""
+    real_build = loop.build_engine
+
+    def failing_engine(model, cfg):
+        engine = real_build(model, cfg)
+
+        def step(*args, **kwargs):
+            raise FloatingPointError("loss is nan at update 1")
+
+        engine.step = step
+        return engine
+
+    monkeypatch.setattr(loop, "build_engine", failing_engine)
+    cfg = _run_config(tmp_path, tasks={"mlm": 1}, num_train_steps=6, zero_stage=0, prefetch_batches=2,
+                      eval=EvalOptions(val_batches=1, retrieval_images=4))
+    with pytest.raises(FloatingPointError, match="loss is nan") as kept:
+        loop.pretrain(cfg, progress=False)
+    assert kept.value.__traceback__ is not None
+    assert not any(t.name == "uniter-fast batches" and t.is_alive() for t in threading.enumerate())
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ class _Failure:
 
 
 class Ahead:
-    """Iterates `items` on a thread, at most `depth` items ahead of the consumer.
+    """Iterates `items` on a thread ahead of the consumer: `depth` items wait in a queue, one more is being made.
 
     An error raised making an item reaches the consumer when it asks for that item. close() (or leaving a `with`
     block, or dropping the iterator) stops the thread before its next item.

@@ -104,10 +104,14 @@ def _as_array(x):
     return x if isinstance(x, (torch.Tensor, np.ndarray)) else np.asarray(x)
 
 
+_NUMPY = {torch.long: np.int64, torch.bool: np.bool_}
+
+
 def _concat(parts: list, dtype: torch.dtype) -> torch.Tensor:
-    """Per-sample 1-D tensors or arrays as one tensor of dtype (numpy arrays concatenated before conversion)."""
+    """Per-sample 1-D tensors or arrays as one tensor of dtype (numpy arrays concatenated before conversion, each
+    cast to dtype first as a tensor's would be: no promotion through float64 of ids past 2**53)."""
     if all(isinstance(p, np.ndarray) for p in parts):
-        return torch.from_numpy(np.concatenate(parts)).to(dtype)
+        return torch.from_numpy(np.concatenate(parts, dtype=_NUMPY[dtype], casting="unsafe"))
     return torch.cat([_as_tensor(p).to(dtype) for p in parts])
 
 

@@ -63,14 +63,14 @@ def training_batches(streams: TaskStreams, sampler: TaskSampler, cfg: PretrainCo
                      pin_memory: bool) -> Iterator[PretrainBatch]:
     """The run's micro-batches in order: gradient_accumulation_steps of sampler.task_for(update) per update.
 
-    prefetch 0: each made when asked for. Otherwise a thread makes them, up to `prefetch` ahead, while the caller
-    waits on its step (the store's reads, index copies and pinning release the GIL); pin_memory: it also copies
+    prefetch 0: each made when asked for. Otherwise a thread makes them ahead (`prefetch` ready, one more being
+    made) while the caller waits on its step (the store's reads, index copies and pinning release the GIL); pin_memory: it also copies
     each batch into page-locked memory, so the step's copy to the GPU is asynchronous. An error making a batch
     is raised here, when that batch is asked for.
     """
     plans = (streams.plan(sampler.task_for(update)) for update in range(cfg.num_train_steps)
              for _ in range(cfg.gradient_accumulation_steps))
-    made = map(streams.make, plans)
+    made = (streams.make(plan) for plan in plans)  # a generator: close() ends it, as it does Ahead
     if pin_memory:
         made = (batch.pin_memory() for batch in made)
     return made if prefetch == 0 else Ahead(made, prefetch, "uniter-fast batches")

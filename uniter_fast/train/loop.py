@@ -217,29 +217,32 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     ahead = cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if device.type == "cuda" else 0)
     batches = training_batches(streams, sampler, cfg, ahead, pin_memory=device.type == "cuda" and ahead > 0)
     bar = tqdm(range(cfg.num_train_steps), desc="pretrain", disable=not progress or rank != 0, dynamic_ncols=True)
-    for update in bar:
-        task = sampler.task_for(update)
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            tokens += batch.inputs.total_tokens
-            out = engine(batch.to(device, non_blocking=True))  # asynchronous from pinned memory
-            engine.backward(out.loss, scale_wrt_gas=False)  # the original sums gradients over accumulation
-            engine.step()
-        pending.append((update + 1, task, out.metrics))
-        if (update + 1) % cfg.log_every == 0 or update + 1 == cfg.num_train_steps:
-            for step, t, metrics in pending:
-                row = {"step": step, "task": t, **{k: float(v) for k, v in metrics.items()}}
-                history.append(row)
-                recent[t].append(row["loss"])
-            pending.clear()
-            postfix = {t: f"{np.mean(v):.3f}" for t, v in recent.items() if v}
-            bar.set_postfix(postfix)
-            if bar.disable and rank == 0:  # no bar (a launcher, a log file): one line per log interval
-                log.info("update %d/%d losses %s", update + 1, cfg.num_train_steps, postfix)
-        if cfg.eval.valid_steps and (update + 1) % cfg.eval.valid_steps == 0 and update + 1 < cfg.num_train_steps:
-            val = validate(engine.module, data.val, tasks, batch_tokens=cfg.train_batch_size,
-                           num_batches=cfg.eval.val_batches, options=streams.options, device=device, seed=cfg.seed)
-            history.append({"step": update + 1, "task": "validation", "val": val})
+    try:
+        for update in bar:
+            task = sampler.task_for(update)
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                tokens += batch.inputs.total_tokens
+                out = engine(batch.to(device, non_blocking=True))  # asynchronous from pinned memory
+                engine.backward(out.loss, scale_wrt_gas=False)  # the original sums gradients over accumulation
+                engine.step()
+            pending.append((update + 1, task, out.metrics))
+            if (update + 1) % cfg.log_every == 0 or update + 1 == cfg.num_train_steps:
+                for step, t, metrics in pending:
+                    row = {"step": step, "task": t, **{k: float(v) for k, v in metrics.items()}}
+                    history.append(row)
+                    recent[t].append(row["loss"])
+                pending.clear()
+                postfix = {t: f"{np.mean(v):.3f}" for t, v in recent.items() if v}
+                bar.set_postfix(postfix)
+                if bar.disable and rank == 0:  # no bar (a launcher, a log file): one line per log interval
+                    log.info("update %d/%d losses %s", update + 1, cfg.num_train_steps, postfix)
+            if cfg.eval.valid_steps and (update + 1) % cfg.eval.valid_steps == 0 and update + 1 < cfg.num_train_steps:
+                val = validate(engine.module, data.val, tasks, batch_tokens=cfg.train_batch_size,
+                               num_batches=cfg.eval.val_batches, options=streams.options, device=device, seed=cfg.seed)
+                history.append({"step": update + 1, "task": "validation", "val": val})
+    finally:  # a step that fails leaves no thread making batches
+        batches.close()
     elapsed = time.time() - started
 
     model = engine.module
