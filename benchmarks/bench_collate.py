@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> None:
 def handover(corpus: PretrainCorpus, args: argparse.Namespace, writer: CsvWriter | None) -> None:
     """The loop's wait for each next batch while a stand-in step sleeps (the host blocked on a GPU step)."""
     cfg = PretrainConfig(train_batch_size=args.batch_tokens, num_train_steps=args.batches + 4)
-    print(f"\nhand-over: the original's task mix, a {args.step_ms:.0f} ms stand-in step; ms the loop waits for the next "
-          "batch (median, p20-p80), the first 4 batches untimed")
+    print(f"\nhand-over: the original's task mix, a {args.step_ms:.0f} ms stand-in step; ms the loop waits for the "
+          "next batch (median, p20-p80), the first 4 batches untimed")
     for ahead in args.prefetch:
         sampler = TaskSampler(cfg.tasks, cfg.seed)
         batches = training_batches(TaskStreams(corpus, list(cfg.tasks), cfg, rank=0), sampler, cfg, ahead, False)

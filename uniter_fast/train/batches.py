@@ -64,9 +64,9 @@ def training_batches(streams: TaskStreams, sampler: TaskSampler, cfg: PretrainCo
     """The run's micro-batches in order: gradient_accumulation_steps of sampler.task_for(update) per update.
 
     prefetch 0: each made when asked for. Otherwise a thread makes them ahead (`prefetch` ready, one more being
-    made) while the caller waits on its step (the store's reads, index copies and pinning release the GIL); pin_memory: it also copies
-    each batch into page-locked memory, so the step's copy to the GPU is asynchronous. An error making a batch
-    is raised here, when that batch is asked for.
+    made) while the caller waits on its step (the store's reads, index copies and pinning release the GIL).
+    pin_memory: each batch is also copied into page-locked memory, so the step's copy to the GPU is asynchronous.
+    An error making a batch is raised here, when that batch is asked for; close() stops the thread.
     """
     plans = (streams.plan(sampler.task_for(update)) for update in range(cfg.num_train_steps)
              for _ in range(cfg.gradient_accumulation_steps))
