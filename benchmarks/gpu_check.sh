@@ -6,6 +6,8 @@
 #         --tune-only as a second call): the launch sweeps of benchmarks/tune_kernels.py, attention
 #         with training's dropout, the base encoder compiled (ours, ours replayed from CUDA graphs, and BertModel),
 #         the WRA call's and the encoder step's host time, and the short pre-training run with the encoder compiled.
+# --prefetch: the tiny pre-training run's rate with its batches made ahead (prefetch_batches 2) and not (0), 150
+#             bf16 updates each (PREFETCH_STEPS), in at most 3 minutes.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
 # --goals: the issues' goals alone, in about 7 minutes (limits adding up to 9): the gpu tests of the OT kernels
 #          and attention (graph capture included); IPOT (ours and the CUDA-graph loop); WRA (ours: its call's
@@ -42,6 +44,23 @@ extras() {
         --compile inductor --no-progress --output-dir /tmp/gpu_check_compiled --overwrite 2>&1 | tail -20 \
         | tee -a "$out/pretrain.log"
     cp benchmarks/results.csv "$out/" 2>/dev/null || true
+}
+prefetch_rate() {
+    # the tiny model's steps are short, so its batches are much of the host's work
+    local steps="${PREFETCH_STEPS:-150}"
+    for ahead in 0 2; do
+        local run="/tmp/gpu_check_prefetch$ahead"
+        timeout 90 python -m uniter_fast.cli pretrain --config configs/pretrain-tiny.json --steps "$steps" \
+            --precision bf16 --prefetch-batches "$ahead" --no-progress --output-dir "$run" --overwrite \
+            >"$out/prefetch$ahead.log" 2>&1
+        if [ -f "$run/metrics.json" ]; then
+            python -c "import json; m = json.load(open('$run/metrics.json')); print('prefetch_batches $ahead:', \
+round(m['train_tokens_per_second']), 'real tokens/s,', round(m['train_seconds'], 1), 's for $steps updates')" \
+                | tee -a "$out/pretrain.log"
+        else
+            echo "prefetch_batches $ahead: the run did not finish (see prefetch$ahead.log)" | tee -a "$out/pretrain.log"
+        fi
+    done
 }
 workers() {
     python -c "import xdist" 2>/dev/null && echo "-n 8" && return
@@ -83,6 +102,10 @@ if [ "${1:-}" = "--goals" ]; then
     goals
     exit 0
 fi
+if [ "${1:-}" = "--prefetch" ]; then
+    prefetch_rate
+    exit 0
+fi
 timeout 130 python -m pytest -q -m gpu $(workers) --continue-on-collection-errors tests 2>&1 | tee "$out/gpu_tests.log"
 # workers a timeout leaves would share the GPU with the benchmarks (run from this file: pasted into a one-line
 # command, the pattern matches that command's own shell, which it then kills)
@@ -103,6 +126,7 @@ for bench in benchmarks/bench_*.py; do
     name=$(basename "$bench" .py)
     [ "$name" = bench_loader ] && continue
     [ "$name" = bench_host ] && continue  # the launchers' host time in a dry run: a CPU benchmark
+    [ "$name" = bench_collate ] && continue  # the pre-training batch on the host: a CPU benchmark
     timeout "${limit[$name]:-40}" python "$bench" ${args[$name]:-} 2>&1 | tee "$out/$name.log"
 done
 # the same attention calls replayed from CUDA graphs (GPU time alone, host time removed), then the host time alone

@@ -56,9 +56,11 @@ def test_tiny_pretraining_run_learns_and_writes_its_outputs(tmp_path):
 
 
 def test_zero3_run_writes_whole_parameters(tmp_path):
-    """ZeRO-3 partitions parameters across ranks (placeholders of size 0 on each): the checkpoint must be whole."""
+    """ZeRO-3 partitions parameters across ranks (placeholders of size 0 on each): the checkpoint must be whole.
+    (With its batches made ahead on a thread: --prefetch-batches reaches the run's config.)"""
     path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3)
-    assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
+    assert main(["pretrain", "--config", str(path), "--no-progress", "--prefetch-batches", "2"]) == 0
+    assert json.loads((tmp_path / "run" / "pretrain_config.json").read_text())["prefetch_batches"] == 2
     state = torch.load(tmp_path / "run" / "ckpt" / "model_step_6.pt", weights_only=True)
     assert state["uniter.encoder.layer.0.attention.self.query.weight"].shape == (64, 64)
     assert state["cls.predictions.decoder.weight"].shape == state["uniter.embeddings.word_embeddings.weight"].shape

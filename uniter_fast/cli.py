@@ -31,7 +31,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     try:
         cfg = PretrainConfig.from_json(args.config)
         changes = {k: v for k, v in (("output_dir", args.output_dir), ("num_train_steps", args.steps),
-                                     ("precision", args.precision), ("compile", args.compile)) if v is not None}
+                                     ("precision", args.precision), ("compile", args.compile),
+                                     ("prefetch_batches", args.prefetch_batches)) if v is not None}
         cfg = cfg.replace(**changes)
         metrics = pretrain(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     except INPUT_ERRORS as err:
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None, help="override precision")
     p.add_argument("--compile", default=None, metavar="BACKEND",
                    help="run the encoder under torch.compile with this backend (inductor on a GPU)")
+    p.add_argument("--prefetch-batches", type=int, default=None, metavar="N",
+                   help="override prefetch_batches: batches a thread makes ahead (default 2 on a GPU, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty output_dir: this run's files replace an earlier run's of the same name")
