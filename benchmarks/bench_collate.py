@@ -160,7 +160,7 @@ def handover(corpus: PretrainCorpus, args: argparse.Namespace, writer: CsvWriter
           "next batch (median, p20-p80), the first 4 batches untimed")
     for ahead in args.prefetch:
         sampler = TaskSampler(cfg.tasks, cfg.seed)
-        batches = training_batches(TaskStreams(corpus, list(cfg.tasks), cfg, rank=0), sampler, cfg, ahead, False)
+        batches = training_batches(TaskStreams(corpus, list(cfg.tasks), cfg, rank=0), sampler, cfg, ahead)
         waits = []
         for i in range(cfg.num_train_steps):
             start = time.perf_counter()

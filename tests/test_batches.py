@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from helpers import assert_same_batch
 from uniter_fast.data.synthetic import WorldConfig
@@ -28,7 +29,7 @@ def corpus():
 def _batches(corpus, prefetch: int) -> list:
     streams = TaskStreams(corpus, TASKS, CFG, rank=0)
     sampler = TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases)
-    return list(training_batches(streams, sampler, CFG, prefetch, pin_memory=False))
+    return list(training_batches(streams, sampler, CFG, prefetch))
 
 
 def test_micro_batches_follow_the_task_sampler(corpus):
@@ -69,7 +70,7 @@ def test_an_error_making_a_batch_ahead_is_raised_where_that_batch_is_asked_for(c
 
     monkeypatch.setattr(TaskStreams, "make", make)
     streams = TaskStreams(corpus, TASKS, CFG, rank=0)
-    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, 2, False)
+    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, 2)
     got = [next(batches) for _ in range(3)]
     assert [b.task for b in got] == [p.task for p in made]
     with pytest.raises(ValueError, match="record img7 of shard-00000.rgs is damaged"):
@@ -78,7 +79,7 @@ def test_an_error_making_a_batch_ahead_is_raised_where_that_batch_is_asked_for(c
 
 def test_a_consumer_that_stops_early_stops_the_thread(corpus):
     streams = TaskStreams(corpus, TASKS, CFG, rank=0)
-    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, 1, False)
+    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, 1)
     next(batches)
     batches.close()
     for _ in range(50):
@@ -93,8 +94,9 @@ def test_a_consumer_that_stops_early_stops_the_thread(corpus):
 def test_batches_arrive_pinned_for_asynchronous_copies(corpus):
     streams = TaskStreams(corpus, TASKS, CFG, rank=0)
     sampler = TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases)
-    batches = list(training_batches(streams, sampler, CFG, 2, pin_memory=True))
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # the last GPU: its thread must not pin on GPU 0
+    batches = list(training_batches(streams, sampler, CFG, 2, pin_to=device))
     expected = _batches(corpus, 0)
     for i, (a, b) in enumerate(zip(batches, expected)):
         assert a.inputs.img_feat.is_pinned() and a.inputs.input_ids.is_pinned(), f"micro-batch {i} is not pinned"
-        assert_same_batch(a.to("cuda", non_blocking=True).to("cpu"), b, f"micro-batch {i}")
+        assert_same_batch(a.to(device, non_blocking=True).to("cpu"), b, f"micro-batch {i}")

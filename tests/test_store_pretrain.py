@@ -106,8 +106,7 @@ def test_batches_read_from_the_store_ahead_are_the_in_memory_batches(exported, s
     for corpus, run_cfg, ahead in ((memory.train, cfg, 0), (stored.train, from_files, 2)):
         run_cfg = run_cfg.replace(num_train_steps=16)
         sampler = TaskSampler(run_cfg.tasks, run_cfg.seed, run_cfg.task_phases)
-        runs.append(list(training_batches(TaskStreams(corpus, TASKS, run_cfg, rank=0), sampler, run_cfg, ahead,
-                                          pin_memory=False)))
+        runs.append(list(training_batches(TaskStreams(corpus, TASKS, run_cfg, rank=0), sampler, run_cfg, ahead)))
     assert [b.task for b in runs[0]] == [b.task for b in runs[1]] and len(runs[0]) == 16
     assert {"mrc", "mrckl", "mrfr"} <= {b.task for b in runs[0]}  # the tasks that read the store's soft labels too
     for i, (a, b) in enumerate(zip(*runs)):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from uniter_fast.data.ahead import Ahead
 from uniter_fast.data.pretrain import MaskingOptions, PretrainCorpus, make_task_batch
@@ -60,17 +61,25 @@ class TaskStreams:
 
 
 def training_batches(streams: TaskStreams, sampler: TaskSampler, cfg: PretrainConfig, prefetch: int,
-                     pin_memory: bool) -> Iterator[PretrainBatch]:
+                     pin_to: torch.device | None = None) -> Iterator[PretrainBatch]:
     """The run's micro-batches in order: gradient_accumulation_steps of sampler.task_for(update) per update.
 
     prefetch 0: each made when asked for. Otherwise a thread makes them ahead (`prefetch` ready, one more being
     made) while the caller waits on its step (the store's reads, index copies and pinning release the GIL).
-    pin_memory: each batch is also copied into page-locked memory, so the step's copy to the GPU is asynchronous.
+    pin_to (a GPU): each batch is also copied into page-locked memory, so the step's copy to it is asynchronous.
     An error making a batch is raised here, when that batch is asked for; close() stops the thread.
     """
     plans = (streams.plan(sampler.task_for(update)) for update in range(cfg.num_train_steps)
              for _ in range(cfg.gradient_accumulation_steps))
     made = (streams.make(plan) for plan in plans)  # a generator: close() ends it, as it does Ahead
-    if pin_memory:
-        made = (batch.pin_memory() for batch in made)
+    if pin_to is not None:
+        made = _pinned(made, pin_to)
     return made if prefetch == 0 else Ahead(made, prefetch, "uniter-fast batches")
+
+
+def _pinned(batches: Iterator[PretrainBatch], device: torch.device) -> Iterator[PretrainBatch]:
+    # on the thread that runs it: a new thread's current GPU is 0, and pinning there would give every rank of a
+    # multi-GPU run a CUDA context (hundreds of MB) on GPU 0
+    torch.cuda.set_device(device)
+    for batch in batches:
+        yield batch.pin_memory()

@@ -215,7 +215,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     started = time.time()
     tokens = 0
     ahead = cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if device.type == "cuda" else 0)
-    batches = training_batches(streams, sampler, cfg, ahead, pin_memory=device.type == "cuda" and ahead > 0)
+    batches = training_batches(streams, sampler, cfg, ahead, pin_to=device if device.type == "cuda" and ahead else None)
     bar = tqdm(range(cfg.num_train_steps), desc="pretrain", disable=not progress or rank != 0, dynamic_ncols=True)
     try:
         for update in bar:
