@@ -6,8 +6,10 @@ step that uses it (uniter_fast/train/loop.py), so on a GPU this time comes on to
 still busy with the previous one. Per task:
 the whole collate (masking, the store's gather, pack_batch, targets) and, inside the same calls, the time its
 two largest parts took: the store's gather and pack_batch. Then the hand-over: the training loop's batch stream
-(uniter_fast/train/batches.py, the original's task mix) consumed by a stand-in step that sleeps --step-ms (a
-GPU step the host waits on), made when asked for and 2 ahead on a thread: how long the loop waits for each batch.
+(uniter_fast/train/batches.py, the original's task mix) consumed by a stand-in step of --step-ms, made when asked
+for and 2 ahead on a thread: what each batch costs the loop beyond the step. The step either waits (sleeps: a
+host blocked on the GPU, the GIL free) or is busy in Python (a host launching kernels all along, the GIL held,
+so the thread's Python parts take turns with it).
 
 Data: a store written here of `--images` images with 10..100 regions (2048-d fp16 features, boxes, 1601 soft
 labels), and captions of 8..60 random word ids, the lengths of anchors.md. Batches come from the original's
@@ -153,25 +155,41 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+STEPS = {  # how the stand-in step spends its time
+    "waiting": lambda seconds: time.sleep(seconds),  # the host blocked on the GPU (the GIL released)
+    "busy": lambda seconds: _spin(seconds),  # the host in Python all along, launching kernels (the GIL held)
+}
+
+
 def handover(corpus: PretrainCorpus, args: argparse.Namespace, writer: CsvWriter | None) -> None:
-    """The loop's wait for each next batch while a stand-in step sleeps (the host blocked on a GPU step)."""
+    """What each batch costs the loop beyond a stand-in step: the wait for it, and the time the step loses to the
+    thread making the next ones (the GIL), as (step's wall time - its length)."""
     cfg = PretrainConfig(train_batch_size=args.batch_tokens, num_train_steps=args.batches + 4)
-    print(f"\nhand-over: the original's task mix, a {args.step_ms:.0f} ms stand-in step; ms the loop waits for the "
-          "next batch (median, p20-p80), the first 4 batches untimed")
-    for ahead in args.prefetch:
-        sampler = TaskSampler(cfg.tasks, cfg.seed)
-        batches = training_batches(TaskStreams(corpus, list(cfg.tasks), cfg, rank=0), sampler, cfg, ahead)
-        waits = []
-        for i in range(cfg.num_train_steps):
-            start = time.perf_counter()
-            next(batches)
-            if i >= 4:
-                waits.append((time.perf_counter() - start) * 1e3)
-            time.sleep(args.step_ms / 1e3)
-        print(f"  {ahead} ahead: {_cell(waits)}")
-        if writer:
-            writer.write(dict(case=f"handover step={args.step_ms:g}ms", impl=f"prefetch={ahead}", B="", dtype="fp16",
-                              median_us=f"{median(waits) * 1e3:.1f}", notes="the loop's wait for its next batch"))
+    print(f"\nhand-over: the original's task mix, a {args.step_ms:.0f} ms stand-in step; ms each batch costs the loop "
+          "beyond the step (median, p20-p80), the first 4 batches untimed")
+    for kind, step in STEPS.items():
+        for ahead in args.prefetch:
+            sampler = TaskSampler(cfg.tasks, cfg.seed)
+            batches = training_batches(TaskStreams(corpus, list(cfg.tasks), cfg, rank=0), sampler, cfg, ahead)
+            costs = []
+            for i in range(cfg.num_train_steps):
+                start = time.perf_counter()
+                batch = next(batches)
+                step(args.step_ms / 1e3)
+                del batch
+                if i >= 4:
+                    costs.append((time.perf_counter() - start) * 1e3 - args.step_ms)
+            print(f"  {kind} step, {ahead} ahead: {_cell(costs)}")
+            if writer:
+                writer.write(dict(case=f"handover {kind} step={args.step_ms:g}ms", impl=f"prefetch={ahead}", B="",
+                                  dtype="fp16", median_us=f"{median(costs) * 1e3:.1f}",
+                                  notes="each batch's cost to the loop beyond the step"))
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def _cell(times: list[float]) -> str:

@@ -16,9 +16,11 @@ def test_bench_collate_reports_every_task_and_the_hand_over(tmp_path, capsys):
     out = capsys.readouterr().out
     for task in bench_collate.TASKS:
         assert re.search(rf"^{task} +\d+\.\d \(", out, re.M), f"no row for {task}:\n{out}"
-    assert re.search(r"^  0 ahead: \d+\.\d", out, re.M) and re.search(r"^  2 ahead: \d+\.\d", out, re.M), out
+    for kind in ("waiting", "busy"):
+        for ahead in (0, 2):
+            assert re.search(rf"^  {kind} step, {ahead} ahead: -?\d+\.\d", out, re.M), out
     rows = csv.read_text().splitlines()
-    assert len(rows) == 1 + len(bench_collate.TASKS) + 2 and "bench_collate" in rows[1]
+    assert len(rows) == 1 + len(bench_collate.TASKS) + 4 and "bench_collate" in rows[1]
     index = tmp_path / "store-24" / "index.rsi"
     written = index.stat().st_mtime_ns
     bench_collate.main(["--images", "24", "--batches", "1", "--tasks", "itm", "--prefetch", "0", "--step-ms", "0",
