@@ -1,6 +1,7 @@
 """The training batches: planned in update order, made alike when asked for and ahead on a thread."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -9,7 +10,8 @@ import torch
 
 from helpers import assert_same_batch
 from uniter_fast.data.synthetic import WorldConfig
-from uniter_fast.train.batches import TaskStreams, training_batches
+from uniter_fast.data.sampler import TokenBucketSampler
+from uniter_fast.train.batches import BatchPlan, TaskStreams, training_batches
 from uniter_fast.train.config import DataOptions, PretrainConfig
 from uniter_fast.train.loop import build_synthetic_data
 from uniter_fast.train.tasks import TaskSampler
@@ -100,3 +102,49 @@ def test_batches_arrive_pinned_for_asynchronous_copies(corpus):
     for i, (a, b) in enumerate(zip(batches, expected)):
         assert a.inputs.img_feat.is_pinned() and a.inputs.input_ids.is_pinned(), f"micro-batch {i} is not pinned"
         assert_same_batch(a.to(device, non_blocking=True).to("cpu"), b, f"micro-batch {i}")
+
+
+def test_each_batch_has_its_own_seed_from_the_run_rank_task_and_draw(corpus):
+    """A task's k-th batch on a rank masks with seed (run seed, rank, task, k): no two batches share masks, and
+    ranks differ; each task's stream batches with its own sampler seed (run seed * 1000 + task)."""
+    for rank in (0, 1):
+        streams = TaskStreams(corpus, TASKS, CFG, rank=rank)
+        plans = [streams.plan(task) for task in ("mlm", "itm", "mlm", "mlm", "itm")]
+        assert [p.seed for p in plans] == [(CFG.seed, rank, TASKS.index(t), k) for t, k in
+                                           (("mlm", 0), ("itm", 0), ("mlm", 1), ("mlm", 2), ("itm", 1))]
+        for task in ("mlm", "itm"):
+            first = TokenBucketSampler(corpus.lens, batch_tokens=CFG.train_batch_size,
+                                       seed=CFG.seed * 1000 + TASKS.index(task)).epoch(0)[0]
+            assert next(p for p in plans if p.task == task).indices == tuple(first.tolist()), task
+
+
+def test_a_batch_follows_its_plan_seed_and_order_and_the_masking_options(corpus):
+    streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+    plan = streams.plan("mlm")
+    again = BatchPlan("mlm", plan.indices, plan.seed[:3] + (plan.seed[3] + 1,))
+    a, b = streams.make(plan), streams.make(again)
+    assert not torch.equal(a.mlm_rows, b.mlm_rows) or not torch.equal(a.inputs.input_ids, b.inputs.input_ids)
+    reversed_plan = BatchPlan("itm", plan.indices[::-1], plan.seed)
+    inputs = streams.make(reversed_plan).inputs  # itm masks no word: the texts as the corpus holds them
+    first = inputs.input_ids[:inputs.text_lens[0]].tolist()
+    assert first == [corpus.vocab.cls_id, *corpus.texts[plan.indices[-1]].tolist(), corpus.vocab.sep_id]
+    for prob, label in ((0.0, 1), (1.0, 0)):
+        cfg = dataclasses.replace(CFG, itm_neg_prob=prob)
+        itm = TaskStreams(corpus, TASKS, cfg, rank=0).next("itm")
+        assert itm.itm_labels.eq(label).all(), prob
+    joint = TaskStreams(corpus, TASKS, dataclasses.replace(CFG, conditional_masking=False), rank=0).next("mlm")
+    assert joint.inputs.img_masks is not None and joint.inputs.img_masks.any()
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_the_thread_makes_as_many_batches_ahead_as_asked(corpus, prefetch):
+    streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+    batches = training_batches(streams, TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases), CFG, prefetch)
+    next(batches)
+    for _ in range(100):  # until the thread has filled the queue and drawn the one after
+        if sum(streams.drawn.values()) == 1 + prefetch + 1:
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert sum(streams.drawn.values()) == 1 + prefetch + 1  # the consumed one, `prefetch` queued, one waiting
+    batches.close()

@@ -69,6 +69,16 @@ def test_bad_inputs_name_the_sample():
         pack_batch([torch.tensor([1]), torch.tensor([1])], [None])
     with pytest.raises(ValueError, match="img_masks shape"):
         pack_batch([torch.tensor([1])], [(torch.zeros(2, 4), torch.zeros(2, 6))], img_masks=[np.zeros(3, bool)])
+    with pytest.raises(ValueError, match="img_masks shape"):
+        pack_batch([torch.tensor([1])], [(torch.zeros(2, 4), torch.zeros(2, 6))], img_masks=[np.zeros(1, bool)])
+    with pytest.raises(ValueError, match="img_type_ids shape"):
+        pack_batch([torch.tensor([1])], [(torch.zeros(2, 4), torch.zeros(2, 6))], img_type_ids=[np.ones(1, int)])
+    with pytest.raises(ValueError, match="the batch is empty"):
+        pack_batch([], [])
+    features, boxes = torch.zeros(3, 4), torch.zeros(3, 7)
+    for counts, rows in (([4, -1], 3), ([2, 2], 3), ([1, 2], 2)):  # a negative count; 4 rows of 3; 2 features, 3 boxes
+        with pytest.raises(ValueError, match="do not hold the counts"):
+            pack_batch([torch.tensor([1]), torch.tensor([1])], PackedRegions(features[:rows], boxes, counts))
 
 
 def test_to_moves_tensors_and_keeps_ints():
@@ -141,3 +151,20 @@ def test_ids_past_two_to_the_53_are_kept_exactly_whatever_the_other_samples_hold
         one_region = (torch.zeros(1, 4), torch.zeros(1, 7))
         batch = pack_batch([big, other], [one_region, one_region])
         assert batch.input_ids[:3].tolist() == [101, 2**53 + 1, 102], other
+
+
+def test_dtypes_follow_the_regions_not_an_empty_first_sample():
+    """fp16 features stay fp16 when the first sample has none (an fp32 (0, d) tensor); packed fp16 boxes become
+    fp32 positions, as per-sample ones do."""
+    batch = pack_batch([torch.tensor([1]), torch.tensor([2])],
+                       [(torch.zeros(0, 4), torch.zeros(0, 6)),
+                        (torch.ones(2, 4, dtype=torch.float16), torch.rand(2, 6))])
+    assert batch.img_feat.dtype == torch.float16 and batch.img_pos.dtype == torch.float32
+    packed = pack_batch([torch.tensor([1])], PackedRegions(torch.zeros(2, 4, dtype=torch.float16),
+                                                           torch.rand(2, 7, dtype=torch.float16), [2]))
+    assert packed.img_pos.dtype == torch.float32
+
+
+def test_token_type_ids_longer_than_the_text_are_refused():
+    with pytest.raises(ValueError, match="sample 0: token_type_ids shape"):
+        pack_batch([torch.tensor([1, 2])], [None], token_type_ids=[torch.zeros(3, dtype=torch.long)])

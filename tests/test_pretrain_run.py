@@ -108,6 +108,22 @@ def test_compiled_encoder_trains_as_eager(tmp_path):
     assert "uniter.encoder.layer.0.attention.self.query.weight" in state
 
 
+def test_the_command_line_overrides_only_what_it_is_given(tmp_path, monkeypatch):
+    import uniter_fast.train.loop as loop
+
+    seen = []
+
+    def fake_pretrain(cfg, progress, overwrite):
+        seen.append(cfg)
+        return {"validation": {}, "zero_shot_retrieval": {}}
+
+    monkeypatch.setattr(loop, "pretrain", fake_pretrain)
+    path = _small_config(tmp_path, prefetch_batches=3, precision="fp32")
+    assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
+    assert main(["pretrain", "--config", str(path), "--no-progress", "--prefetch-batches", "1", "--steps", "4"]) == 0
+    assert [(c.prefetch_batches, c.num_train_steps, c.precision) for c in seen] == [(3, 80, "fp32"), (1, 4, "fp32")]
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"learning_rat": 1e-4}))

@@ -2,6 +2,7 @@
 (reference/uniter.md 3.1, 3.2, 3.6)."""
 import numpy as np
 import pytest
+import torch
 
 from uniter_fast.data.pretrain import MaskingOptions, PretrainCorpus, Vocab, make_task_batch
 
@@ -91,3 +92,18 @@ def test_mlm_batch_with_an_empty_caption_names_it():
         make_task_batch(corpus, "mlm", [0, 1], np.random.default_rng(5))
     batch = make_task_batch(corpus, "mrfr", [0, 1], np.random.default_rng(5))  # other tasks need no words
     assert batch.inputs.text_lens.tolist() == [len(base.texts[4]) + 2, 2]
+
+
+def test_a_store_that_gathers_other_counts_than_its_index_is_refused():
+    """batch_regions trusts the store's index for the masks: a gather that disagrees is a bad store, named as such."""
+    from types import SimpleNamespace
+
+    from uniter_fast.data.pretrain import batch_regions
+
+    class Disagreeing(dict):
+        def gather(self, image_ids, soft_labels=False):
+            return SimpleNamespace(offsets=torch.tensor([0, 3]), features=torch.zeros(3, 4),
+                                   boxes=torch.zeros(3, 7), soft_labels=None)
+
+    with pytest.raises(ValueError, match=r"the store gave \[3\] regions for \['img1'\], its index \[2\]"):
+        batch_regions(Disagreeing(), ["img1"], [np.zeros(2, dtype=bool)], False, False)

@@ -174,6 +174,26 @@ def test_a_failing_step_leaves_no_thread_making_batches(tmp_path, monkeypatch):
     assert not any(t.name == "uniter-fast batches" and t.is_alive() for t in threading.enumerate())
 
 
+def test_the_run_makes_batches_ahead_as_configured(tmp_path, monkeypatch):
+    """prefetch_batches reaches the batch stream; unset, a CPU run makes none ahead; nothing is pinned on the CPU."""
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def spy(streams, sampler, cfg, prefetch, pin_to=None):
+        seen.append((prefetch, pin_to))
+        raise Seen
+
+    monkeypatch.setattr(loop, "training_batches", spy)
+    for value in (None, 3, 0):
+        cfg = _run_config(tmp_path / f"run{value}", tasks={"mlm": 1}, num_train_steps=1, zero_stage=0,
+                          prefetch_batches=value)
+        with pytest.raises(Seen):
+            loop.pretrain(cfg, progress=False)
+    assert seen == [(0, None), (3, None), (0, None)]
+
+
 @pytest.fixture(scope="module")
 def phased_run(tmp_path_factory):
     """5 updates: 2 of ITM alone, then mlm/mrfr; validation every 2 updates; 20 retrieval images asked of 12."""
