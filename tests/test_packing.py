@@ -75,10 +75,11 @@ def test_bad_inputs_name_the_sample():
         pack_batch([torch.tensor([1])], [(torch.zeros(2, 4), torch.zeros(2, 6))], img_type_ids=[np.ones(1, int)])
     with pytest.raises(ValueError, match="the batch is empty"):
         pack_batch([], [])
-    features, boxes = torch.zeros(3, 4), torch.zeros(3, 7)
-    for counts, rows in (([4, -1], 3), ([2, 2], 3), ([1, 2], 2)):  # a negative count; 4 rows of 3; 2 features, 3 boxes
+    # a negative count; counts for 4 rows of 3; 3 features but 2 boxes
+    for counts, feature_rows, box_rows in (([4, -1], 3, 3), ([2, 2], 3, 3), ([1, 2], 3, 2)):
+        regions = PackedRegions(torch.zeros(feature_rows, 4), torch.zeros(box_rows, 7), counts)
         with pytest.raises(ValueError, match="do not hold the counts"):
-            pack_batch([torch.tensor([1]), torch.tensor([1])], PackedRegions(features[:rows], boxes, counts))
+            pack_batch([torch.tensor([1]), torch.tensor([1])], regions)
 
 
 def test_to_moves_tensors_and_keeps_ints():
