@@ -44,10 +44,14 @@ ATTN_BACKWARD = [Launch(64, 64, 4, 1), Launch(64, 64, 4, 1, fused_delta=True), L
 # Register-capped launches (maxnreg): twice or four times the warps per problem in the registers of the rule's
 # programs, so that a batch still runs in one wave. The solver is latency-bound at the occupancy its registers
 # allow (Nsight Compute, RESULTS.md); uncapped, 8 warps took 184 registers, one program per SM (0.46-0.55x).
-# Capped, ptxas spills at most 24 bytes at 128 and 104 at 64 (compile_check.py, sm_90, Triton 3.6).
+# Capped, ptxas spills at most 24 bytes at 128 and 104 at 64 (compile_check.py, sm_90, Triton 3.6). The rule's
+# 4 warps capped at 168 fit three programs per SM, not two, and spill nowhere in the solver's loop (the cost is
+# read again after it, 2026-11-27): for B >= 1024, where the rule's 2 warps spill inside the loop.
 OT_COST_CAPPED = [{"num_warps": 8, "COL_LANES": 32, "maxnreg": 128}, {"num_warps": 8, "COL_LANES": 16, "maxnreg": 128},
-                  {"num_warps": 16, "COL_LANES": 32, "maxnreg": 64}, {"num_warps": 16, "COL_LANES": 16, "maxnreg": 64}]
-OT_VECTORS_CAPPED = [{"num_warps": 8, "maxnreg": 128}, {"num_warps": 16, "maxnreg": 64}]
+                  {"num_warps": 16, "COL_LANES": 32, "maxnreg": 64}, {"num_warps": 16, "COL_LANES": 16, "maxnreg": 64},
+                  {"num_warps": 4, "COL_LANES": 32, "maxnreg": 168}]
+OT_VECTORS_CAPPED = [{"num_warps": 8, "maxnreg": 128}, {"num_warps": 16, "maxnreg": 64},
+                     {"num_warps": 4, "maxnreg": 168}]
 OT_BACKWARD_CAPPED = [{"num_warps": 8, "maxnreg": 128}]  # 8 warps uncapped take 254 registers (no spill)
 OT_COST = [{}, {"COL_LANES": 32, "num_warps": 4}, {"COL_LANES": 16, "num_warps": 2}, {"COL_LANES": 32},
            {"COL_LANES": 16}, {"num_warps": 8}, {"SHRINK": False}, *OT_COST_CAPPED]

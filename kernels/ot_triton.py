@@ -423,6 +423,9 @@ def _solve_tile(pid, args, METHOD: tl.constexpr, FROM_VECTORS: tl.constexpr, PAC
     else:
         plan, done = _log_domain(cost * scale, rowv, colv, valid, mf, nf, live, iterations, k, tol,
                                  METHOD == 1, USE_TOL)
+    if not FROM_VECTORS:  # read again, not kept through the loop: 64 registers a thread at 4 warps (_config)
+        cost = tl.load(cost_ptr + pb.to(tl.int64) * s_cb + rows * s_cm + cols * s_cn, mask=valid,
+                       other=0.0).to(tl.float32)
     p1 = pid * PROBS + tl.arange(0, PROBS)
     moved = cost * plan
     tl.store(dist_ptr + p1, _problem_sum(moved), mask=p1 < B)

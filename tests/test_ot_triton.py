@@ -232,6 +232,26 @@ def test_launch_overrides_give_the_same_result(gen: torch.Generator) -> None:
 
 
 
+def test_cost_is_read_through_its_strides_and_dtype(gen: torch.Generator) -> None:
+    """The kernel reads the cost twice (the solve, then the distance: not kept in registers through the loop).
+    A transposed view and a 16-bit cost read as their contiguous fp32 copy, one problem or several a program."""
+    from uniter_fast.kernels import ot_triton as kernels
+
+    cost, text_lens, region_lens = cost_batch(SIZES, gen=gen)
+    solve = kernels.Solve("ipot", scale=2.0, iterations=10)
+    half = cost.to(torch.bfloat16)
+    for source in (cost.float(), half):
+        strided = source.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, strides (M N, 1, M)
+        assert not strided.is_contiguous()
+        for tune in ({"PROBS": 1}, {"PROBS": 4}):
+            dist, plan, _ = kernels.transport_cost(source.float(), text_lens, region_lens, solve, want_plan=True,
+                                                   tune=tune)
+            for same in (source, strided):
+                dist2, plan2, _ = kernels.transport_cost(same, text_lens, region_lens, solve, want_plan=True,
+                                                         tune=tune)
+                assert torch.equal(dist2, dist) and torch.equal(plan2, plan)
+
+
 def test_launch_rule_is_a_launch_the_kernels_take() -> None:
     """_config's rule passes _tuned's checks for every side length and batch (lanes within the half tile where it
     shrinks), and its lanes follow its warps as tune_kernels.py's sweeps chose."""
