@@ -9,7 +9,7 @@
 # --prefetch: the tiny pre-training run's rate with its batches made ahead (prefetch_batches 2) and not (0), 150
 #             bf16 updates each (PREFETCH_STEPS), in at most 3 minutes.
 # --tune-only: the extras alone (a second call after a plain run: each call may take at most 10 minutes).
-# --goals: the issues' goals alone, in about 7 minutes (limits adding up to 9): the gpu tests of the OT kernels
+# --goals: the issues' goals alone, in about 7 minutes (limits adding up to 9.3): the gpu tests of the OT kernels
 #          and attention (graph capture included); IPOT (ours and the CUDA-graph loop); WRA (ours: its call's
 #          time, profile and host time, and its GPU time replayed from a graph); the cosine backward's sweep and the
 #          solver's register-capped launches; the IPOT kernel under ncu; attention against its peers (and our
@@ -81,7 +81,7 @@ goals() {
     timeout 25 python benchmarks/bench_ot.py --graph --impls triton_ipot --cases wra_fwd,wra_fwd_bwd --dtypes bf16 \
         --sizes 256,1024 2>&1 | tee -a "$out/bench_ot.log"
     # the cosine backward's launches, and the rule against the register-capped launches (maxnreg) of the solver
-    timeout 100 python benchmarks/tune_kernels.py --parts ot --ot-sweeps occupancy backward 2>&1 | tee "$out/tune.log"
+    timeout 110 python benchmarks/tune_kernels.py --parts ot --ot-sweeps occupancy backward 2>&1 | tee "$out/tune.log"
     timeout 55 ncu --kernel-name regex:_transport_kernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats \
         python benchmarks/profile_ipot.py --sizes 256 1024 --capped 2>&1 | tee "$out/ncu_ipot.log"
