@@ -247,8 +247,10 @@ def _wra(text_data, region_data, text_starts, region_starts, text_lens, region_l
          return_plan, grad, tol, backend):
     """Shared by the padded (starts None) and the packed layouts."""
     if grad == "unrolled" or _choose_vectors(text_data, region_data, sizes, backend) == "torch":
-        text = text_data if text_starts is None else reference.pad_rows(text_data, text_starts, text_lens, sizes[0])
-        regions = (region_data if region_starts is None
+        # padding rows zeroed, as the kernel never reads them: NaN there must not reach the gradient (0 * NaN)
+        text = (reference.zero_pads(text_data, text_lens) if text_starts is None
+                else reference.pad_rows(text_data, text_starts, text_lens, sizes[0]))
+        regions = (reference.zero_pads(region_data, region_lens) if region_starts is None
                    else reference.pad_rows(region_data, region_starts, region_lens, sizes[1]))
         cost = reference.cosine_cost_ref(text, regions)
         if grad == "unrolled":

@@ -28,6 +28,13 @@ def pad_rows(x: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, max_len:
     return out * valid.view(*valid.shape, *([1] * (x.dim() - 1))).to(out.dtype)
 
 
+def zero_pads(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """x (B, L, ...) with rows lens[b] onwards of entry b set to 0, whatever they held (NaN included): so that padding
+    reaches no result and no gradient (0 * NaN would)."""
+    valid = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
+    return torch.where(valid.view(*valid.shape, *([1] * (x.dim() - 2))), x, 0)
+
+
 def row_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each packed row: (sample index, position within its sample)."""
     lens = cu_seqlens[1:] - cu_seqlens[:-1]

@@ -289,3 +289,34 @@ def test_cost_gradient_without_return_plan_on_triton(solver: str) -> None:
         plan = sinkhorn_np(block, 0.1, 5) if solver == "sinkhorn" else ipot_np(block, 0.5, 5, 1)
         np.testing.assert_allclose(grad[b, :m, :n].numpy(), weights[b].item() * plan, rtol=1e-4, atol=1e-7)
         assert bool((grad[b, m:] == 0).all()) and bool((grad[b, :, n:] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# padding rows hold anything
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad", ["envelope", "unrolled"])
+def test_nan_in_padding_rows_reaches_no_distance_or_gradient(gen: torch.Generator, grad: str) -> None:
+    """Padded vectors may hold anything beyond the lengths (an encoder's pad rows, uninitialised memory): every
+    backend gives the distances and gradients of the same vectors with zero padding, finite."""
+    text, regions, text_lens, region_lens = padded_vectors(SIZES, gen, dtype=torch.float32)
+    clean = [x.clone() for x in (text, regions)]
+    for x, lens in ((text, text_lens), (regions, region_lens)):
+        for b, n in enumerate(lens.tolist()):
+            x[b, n:] = float("nan")
+    for c, lens in zip(clean, (text_lens, region_lens)):
+        for b, n in enumerate(lens.tolist()):
+            c[b, n:] = 0.0
+    choices = ["torch", "triton"] if grad == "envelope" else ["torch"]  # unrolled runs the reference loop
+    results = {}
+    for choice in choices:
+        for name, (t, r) in (("nan", (text, regions)), ("zero", clean)):
+            t, r = t.clone().requires_grad_(), r.clone().requires_grad_()
+            dist = ot.wra_distance(t, r, text_lens, region_lens, iterations=5, grad=grad, backend=choice)
+            grads = torch.autograd.grad(dist.sum(), (t, r))
+            results[choice, name] = (dist, *grads)
+    for choice in choices:
+        for got, want in zip(results[choice, "nan"], results[choice, "zero"]):
+            assert bool(torch.isfinite(got).all()), choice
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
