@@ -396,6 +396,9 @@ def test_given_config_that_disagrees():
 class _Boom:
     unpickled = False
 
+    def __init__(self):
+        self.state = 1  # pickle calls __setstate__ only for a non-empty state
+
     def __setstate__(self, state):
         type(self).unpickled = True
 
