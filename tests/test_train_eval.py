@@ -19,6 +19,7 @@ from uniter_fast.data.synthetic import WorldConfig
 from uniter_fast.eval.retrieval import recall_at_k, score_matrix
 from uniter_fast.eval.validation import validate
 from uniter_fast.model import UniterForPretraining
+from uniter_fast.objectives.wra import wra_loss
 from uniter_fast.train import loop
 from uniter_fast.train.config import DataOptions, EvalOptions, ModelOptions, PretrainConfig
 from uniter_fast.train.engine import build_optimizer, deepspeed_config, parameter_groups
@@ -308,6 +309,30 @@ def test_validation_means_are_over_the_batches_it_has(val_corpus):
     pairs = [items for t, _, size, items in model.calls if t == "itm"]
     assert pairs == sizes["itm"]  # ITM averages over pairs
     assert out["itm"]["n"] == pytest.approx(sum(n * k for n, k in enumerate(pairs, start=available + 1)) / sum(pairs))
+
+
+def test_validation_ot_means_are_over_all_pairs(val_corpus):
+    """The original's validate_itm reports ot_pos (ot_neg) as the distances of matched (swapped) pairs summed over
+    the split, divided by all its pairs; a batch's mean over its matched pairs, weighted by all its pairs, is not."""
+    pairs = []
+
+    class _Distances(_Recorder):
+        def __call__(self, batch):
+            labels = batch.itm_labels
+            distances = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(len(pairs)))
+            pairs.append((labels.clone(), distances))
+            _, metrics = wra_loss(distances, labels)
+            return SimpleNamespace(metrics={f"ot_{k}": v for k, v in metrics.items()})
+
+    out = validate(_Distances(False), val_corpus, ["itm"], batch_tokens=600, num_batches=3, options=MaskingOptions(),
+                   device=torch.device("cpu"))["itm"]
+    labels, distances = (torch.cat(x).double() for x in zip(*pairs))
+    matched = distances[labels == 1].sum() / len(labels)
+    swapped = distances[labels == 0].sum() / len(labels)
+    assert len(pairs) == 3 and len({round(float(lab.double().mean()), 6) for lab, _ in pairs}) > 1  # unlike mixes
+    assert out["ot_pos"] == pytest.approx(matched.item(), rel=1e-6)
+    assert out["ot_neg"] == pytest.approx(swapped.item(), rel=1e-6)
+    assert out["ot_loss"] == pytest.approx((matched - swapped).item(), rel=1e-6)
 
 
 def test_validation_is_the_same_every_time(val_corpus):
