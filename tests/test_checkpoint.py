@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+from helpers import original_keys
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.packing import pack_batch
 from uniter_fast.model import UniterForPretraining, UniterModel
@@ -63,46 +64,6 @@ def our_text_hidden(trunk: UniterModel, ids: list[torch.Tensor]) -> list[torch.T
     with torch.no_grad():
         hidden = trunk.eval()(batch)
     return [text for text, _ in batch.split(hidden)]
-
-
-def original_keys(H=768, I=3072, V=28996, layers=12, img_dim=2048, labels=1601, heads=True) -> dict[str, tuple]:
-    """The original UniterForPretraining state dict (reference/uniter.md 1.9), key -> shape."""
-    keys = {
-        "uniter.embeddings.word_embeddings.weight": (V, H),
-        "uniter.embeddings.position_embeddings.weight": (512, H),
-        "uniter.embeddings.token_type_embeddings.weight": (2, H),
-        "uniter.embeddings.LayerNorm.weight": (H,), "uniter.embeddings.LayerNorm.bias": (H,),
-        "uniter.img_embeddings.img_linear.weight": (H, img_dim), "uniter.img_embeddings.img_linear.bias": (H,),
-        "uniter.img_embeddings.img_layer_norm.weight": (H,), "uniter.img_embeddings.img_layer_norm.bias": (H,),
-        "uniter.img_embeddings.pos_layer_norm.weight": (H,), "uniter.img_embeddings.pos_layer_norm.bias": (H,),
-        "uniter.img_embeddings.pos_linear.weight": (H, 7), "uniter.img_embeddings.pos_linear.bias": (H,),
-        "uniter.img_embeddings.mask_embedding.weight": (2, img_dim),
-        "uniter.img_embeddings.LayerNorm.weight": (H,), "uniter.img_embeddings.LayerNorm.bias": (H,),
-        "uniter.pooler.dense.weight": (H, H), "uniter.pooler.dense.bias": (H,),
-    }
-    for i in range(layers):
-        p = f"uniter.encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            keys[p + name + ".weight"], keys[p + name + ".bias"] = (H, H), (H,)
-        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
-            keys[p + name + ".weight"], keys[p + name + ".bias"] = (H,), (H,)
-        keys[p + "intermediate.dense.weight"], keys[p + "intermediate.dense.bias"] = (I, H), (I,)
-        keys[p + "output.dense.weight"], keys[p + "output.dense.bias"] = (H, I), (H,)
-    if heads:
-        keys.update({
-            "cls.predictions.bias": (V,),
-            "cls.predictions.transform.dense.weight": (H, H), "cls.predictions.transform.dense.bias": (H,),
-            "cls.predictions.transform.LayerNorm.weight": (H,), "cls.predictions.transform.LayerNorm.bias": (H,),
-            "cls.predictions.decoder.weight": (V, H),
-            "feat_regress.weight": (H, img_dim), "feat_regress.bias": (img_dim,),
-            "feat_regress.net.0.weight": (H, H), "feat_regress.net.0.bias": (H,),
-            "feat_regress.net.2.weight": (H,), "feat_regress.net.2.bias": (H,),
-            "region_classifier.net.0.weight": (H, H), "region_classifier.net.0.bias": (H,),
-            "region_classifier.net.2.weight": (H,), "region_classifier.net.2.bias": (H,),
-            "region_classifier.net.3.weight": (labels, H), "region_classifier.net.3.bias": (labels,),
-            "itm_output.weight": (2, H), "itm_output.bias": (2,),
-        })
-    return keys
 
 
 TINY_KEYS = dict(H=64, I=128, V=100, layers=2)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import original_keys
 from uniter_fast.config import UniterConfig
-from uniter_fast.model import UniterForPretraining, UniterModel
+from uniter_fast.model import UniterModel
 from uniter_fast.model.checkpoint import CheckpointError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,38 +27,11 @@ LAYER_KEYS = tuple(f"{name}.{kind}" for name in (
     "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm") for kind in ("weight", "bias"))
 
 
-def trunk_shapes(hidden: int = H, inter: int = I, vocab: int = V, layers: int = LAYERS, img_dim: int = 2048) -> dict:
-    """The original UniterModel's keys under `uniter.` with their shapes (reference/uniter.md 1.9)."""
-    shapes = {
-        "uniter.embeddings.word_embeddings.weight": (vocab, hidden),
-        "uniter.embeddings.position_embeddings.weight": (512, hidden),
-        "uniter.embeddings.token_type_embeddings.weight": (2, hidden),
-        "uniter.embeddings.LayerNorm.weight": (hidden,), "uniter.embeddings.LayerNorm.bias": (hidden,),
-        "uniter.img_embeddings.img_linear.weight": (hidden, img_dim), "uniter.img_embeddings.img_linear.bias": (hidden,),
-        "uniter.img_embeddings.img_layer_norm.weight": (hidden,), "uniter.img_embeddings.img_layer_norm.bias": (hidden,),
-        "uniter.img_embeddings.pos_layer_norm.weight": (hidden,), "uniter.img_embeddings.pos_layer_norm.bias": (hidden,),
-        "uniter.img_embeddings.pos_linear.weight": (hidden, 7), "uniter.img_embeddings.pos_linear.bias": (hidden,),
-        "uniter.img_embeddings.mask_embedding.weight": (2, img_dim),
-        "uniter.img_embeddings.LayerNorm.weight": (hidden,), "uniter.img_embeddings.LayerNorm.bias": (hidden,),
-        "uniter.pooler.dense.weight": (hidden, hidden), "uniter.pooler.dense.bias": (hidden,),
-    }
-    for i in range(layers):
-        for key in LAYER_KEYS:
-            if key.endswith("LayerNorm.weight") or key.endswith(".bias"):
-                size = inter if key.startswith("intermediate.") else hidden
-                shapes[f"uniter.encoder.layer.{i}.{key}"] = (size,)
-            elif key.startswith("intermediate."):
-                shapes[f"uniter.encoder.layer.{i}.{key}"] = (inter, hidden)
-            elif key.startswith("output.dense"):
-                shapes[f"uniter.encoder.layer.{i}.{key}"] = (hidden, inter)
-            else:
-                shapes[f"uniter.encoder.layer.{i}.{key}"] = (hidden, hidden)
-    return shapes
-
-
-def trunk_state_dict(seed: int = 0, **sizes) -> dict[str, torch.Tensor]:
+def trunk_state_dict(seed: int = 0, hidden: int = H, inter: int = I) -> dict[str, torch.Tensor]:
+    """The original UniterModel's weights under `uniter.` (no heads), random."""
     gen = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(s, generator=gen) * 0.05 for k, s in trunk_shapes(**sizes).items()}
+    shapes = original_keys(H=hidden, I=inter, V=V, layers=LAYERS, heads=False)
+    return {k: torch.randn(s, generator=gen) * 0.05 for k, s in shapes.items()}
 
 
 def config(**overrides) -> UniterConfig:

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from uniter_fast.data.packing import pack_batch
 from uniter_fast.model import UniterForPretraining

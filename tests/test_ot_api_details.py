@@ -2,7 +2,7 @@
 the defaults of every entry point, the outputs of the unrolled option, which kernel a flag picks, what the layer
 forwards, and edge cases of the argument checks.
 
-Oracles: a numpy transcription of IPOT (paper Algorithm 1) and of log-domain Sinkhorn, one unpadded problem at a
+Oracles: the numpy IPOT of tests/helpers.py (paper Algorithm 1) and of log-domain Sinkhorn, one unpadded problem at a
 time, on a numpy cosine cost; none of the expected values comes from the code under test.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import ipot_single
 from uniter_fast.kernels import backend, ot, reference
 
 # (text, regions) per problem: odd sizes, a length-1 side and an empty problem; padding beyond them
@@ -20,21 +21,6 @@ SIZES = [(4, 5), (3, 2), (0, 3), (5, 1)]
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(2024)
-
-
-def ipot_np(cost: np.ndarray, beta: float, iterations: int, k: int) -> np.ndarray:
-    """IPOT for one unpadded text x regions problem, as the paper's Algorithm 1 (uniform marginals 1/m, 1/n)."""
-    m, n = cost.shape
-    a = np.exp(-cost / beta)
-    t = np.ones((m, n))
-    sigma = np.full(m, 1.0 / m)
-    for _ in range(iterations):
-        q = a * t
-        for _ in range(k):
-            delta = 1.0 / (n * (q.T @ sigma))
-            sigma = 1.0 / (m * (q @ delta))
-        t = sigma[:, None] * q * delta[None, :]
-    return t
 
 
 def lse(x: np.ndarray, axis: int) -> np.ndarray:
@@ -88,7 +74,7 @@ def expected_wra(text, regions, sizes, *, beta=0.5, iterations=50, k=1):
             out.append((None, 0.0))
             continue
         cost = cosine_np(text[b, :m].double().numpy(), regions[b, :n].double().numpy())
-        plan = ipot_np(cost, beta, iterations, k)
+        plan = ipot_single(cost, beta, iterations, k)
         out.append((plan, float((cost * plan).sum())))
     return out
 
@@ -286,7 +272,7 @@ def test_cost_gradient_without_return_plan_on_triton(solver: str) -> None:
     (grad,) = torch.autograd.grad((dist * weights).sum(), cost)
     for b, (m, n) in enumerate(sizes):
         block = cost.detach()[b, :m, :n].double().numpy()
-        plan = sinkhorn_np(block, 0.1, 5) if solver == "sinkhorn" else ipot_np(block, 0.5, 5, 1)
+        plan = sinkhorn_np(block, 0.1, 5) if solver == "sinkhorn" else ipot_single(block, 0.5, 5, 1)
         np.testing.assert_allclose(grad[b, :m, :n].numpy(), weights[b].item() * plan, rtol=1e-4, atol=1e-7)
         assert bool((grad[b, m:] == 0).all()) and bool((grad[b, :, n:] == 0).all())
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import ipot_single
 from uniter_fast.kernels import backend, ot, reference
 
 
@@ -34,22 +35,6 @@ def padded_batch(
         cost[b, :m, :n] = cosine_cost(m, n, gen=gen)
     lens = torch.tensor(sizes, dtype=torch.long)
     return cost, lens[:, 0], lens[:, 1]
-
-
-def ipot_single(cost_text_region: np.ndarray, beta: float, iterations: int, k: int) -> np.ndarray:
-    """Paper Algorithm 1 for one unpadded problem, in the original's image x text orientation; returns text x image."""
-    c = cost_text_region.T  # (n regions, m words)
-    n, m = c.shape
-    a = np.exp(-c / beta)
-    t = np.ones((n, m))
-    sigma = np.full(m, 1.0 / m)
-    for _ in range(iterations):
-        q = a * t
-        for _ in range(k):
-            delta = 1.0 / (n * (q @ sigma))
-            sigma = 1.0 / (m * (q.T @ delta))
-        t = delta[:, None] * q * sigma[None, :]
-    return t.T
 
 
 def uniform(size: int) -> np.ndarray:
