@@ -136,14 +136,23 @@ def _itm_cross_entropy(model, batch, hidden):
     return -_log_softmax64(logits)[torch.arange(len(batch.itm_labels)), batch.itm_labels].mean(), logits
 
 
-def test_the_default_model_adds_wra_with_the_originals_lambda_beta_and_iterations():
-    """8.6: every original pre-training config adds 0.1 x WRA to ITM, with IPOT beta 0.5 and 50 iterations."""
-    model = UniterForPretraining(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
-    batch = _itm_batch()
+def _itm_run(seed: int = 0, **model_kwargs):
+    """A tiny model without dropout on an ITM batch: (batch, its output, the last layer's rows, the ITM
+    cross-entropy computed here from the weights)."""
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = UniterForPretraining(config, **model_kwargs).eval()
+    batch = _itm_batch(seed)
     with torch.no_grad():
         out = model(batch)
         hidden = model.uniter(batch.inputs)
         ce, _ = _itm_cross_entropy(model, batch, hidden)
+    return batch, out, hidden, ce
+
+
+def test_the_default_model_adds_wra_with_the_originals_lambda_beta_and_iterations():
+    """8.6: every original pre-training config adds 0.1 x WRA to ITM, with IPOT beta 0.5 and 50 iterations."""
+    batch, out, hidden, ce = _itm_run()
+    with torch.no_grad():
         dist = wra_distances(hidden, batch.inputs, beta=0.5, iterations=50, backend="torch")
         other = wra_distances(hidden, batch.inputs, beta=0.2, iterations=3, backend="torch")
     assert not torch.allclose(dist, other, rtol=1e-3)  # the settings show in the loss
@@ -154,13 +163,8 @@ def test_the_default_model_adds_wra_with_the_originals_lambda_beta_and_iteration
 
 def test_a_model_given_other_ot_settings_uses_them():
     """ot_beta and ot_iterations reach the solver."""
-    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = UniterForPretraining(config, itm_ot_lambda=1.0, ot_beta=0.2, ot_iterations=3).eval()
-    batch = _itm_batch(seed=1)
+    batch, out, hidden, ce = _itm_run(seed=1, itm_ot_lambda=1.0, ot_beta=0.2, ot_iterations=3)
     with torch.no_grad():
-        out = model(batch)
-        hidden = model.uniter(batch.inputs)
-        ce, _ = _itm_cross_entropy(model, batch, hidden)
         dist = wra_distances(hidden, batch.inputs, beta=0.2, iterations=3, backend="torch")
     pos, neg = dist[batch.itm_labels == 1].sum(), dist[batch.itm_labels == 0].sum()
     assert out.loss.item() == pytest.approx(ce.item() + (pos - neg).item() / 4, rel=1e-5)
@@ -168,22 +172,14 @@ def test_a_model_given_other_ot_settings_uses_them():
 
 def test_itm_loss_metric_is_the_total_with_wra():
     """The logged ITM loss is what is back-propagated (CE + lambda x WRA), the parts logged beside it."""
-    model = UniterForPretraining(tiny_config(), itm_ot_lambda=0.5).eval()
-    batch = _itm_batch()
-    with torch.no_grad():
-        out = model(batch)
-        ce, _ = _itm_cross_entropy(model, batch, model.uniter(batch.inputs))
+    _, out, _, ce = _itm_run(itm_ot_lambda=0.5)
     assert out.metrics["loss"].item() == pytest.approx(out.loss.item(), rel=1e-6)
     assert out.metrics["loss"].item() == pytest.approx(ce.item() + 0.5 * out.metrics["ot_loss"].item(), rel=1e-5)
 
 
 def test_lambda_zero_turns_wra_off():
     """With itm_ot_lambda = 0 (the original's CLI default) no transport is solved: plain ITM, no OT metrics."""
-    model = UniterForPretraining(tiny_config(), itm_ot_lambda=0.0).eval()
-    batch = _itm_batch()
-    with torch.no_grad():
-        out = model(batch)
-        ce, _ = _itm_cross_entropy(model, batch, model.uniter(batch.inputs))
+    _, out, _, ce = _itm_run(itm_ot_lambda=0.0)
     assert not any(k.startswith("ot_") for k in out.metrics)
     assert out.loss.item() == pytest.approx(ce.item(), rel=1e-6)
 
