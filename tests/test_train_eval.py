@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -228,6 +229,20 @@ def test_validation_every_valid_steps_and_once_at_the_end(phased_run):
             assert list(row["val"]) == ["mlm", "mrfr", "itm"]  # every task of the run, mix then phases
     assert list(metrics["validation"]) == ["mlm", "mrfr", "itm"]
     assert set(metrics["validation"]["itm"]) == {"loss", "acc", "ot_loss", "ot_pos", "ot_neg"}
+
+
+def test_a_checkpoint_at_each_validation_and_at_the_end(phased_run):
+    """The original writes ckpt/model_step_{N}.pt at every validation: updates 2 and 4 here, and 5 at the end. Each
+    loads whole with the config written before training, and each holds that update's weights (they differ)."""
+    cfg, *_ = phased_run
+    ckpt = Path(cfg.output_dir) / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("model_step_*.pt")) == ["model_step_2.pt", "model_step_4.pt",
+                                                                    "model_step_5.pt"]
+    weights = []
+    for step in (2, 4, 5):
+        model = UniterForPretraining.from_pretrained(ckpt / f"model_step_{step}.pt", ckpt / "config.json")
+        weights.append(model.uniter.encoder.layer[0].attention.self.qkv.weight.detach())  # all tasks train it
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
 
 
 def test_metrics_json_records_the_run(phased_run):

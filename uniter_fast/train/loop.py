@@ -185,8 +185,10 @@ def retrieval_eval(model, data: PretrainData, num_images: int, device: torch.dev
 
 
 def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
-    """Run pre-training as configured; rank 0 writes the checkpoint, metrics.json and curves.png to output_dir,
-    which must be empty or absent unless `overwrite` (then the run's files replace those of the same name)."""
+    """Run pre-training as configured. Rank 0 writes to output_dir the run's and the model's configs (before
+    training), the checkpoint ckpt/model_step_{N}.pt at each validation and at the end (the original's), then
+    metrics.json, history.json and curves.png. output_dir must be empty or absent unless `overwrite` (then the
+    run's files replace those of the same name)."""
     out_dir = Path(cfg.output_dir)
     _claim_output_dir(out_dir, overwrite)
     rank, world_size, device = init_distributed()
@@ -205,6 +207,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
         # in place: the parameters keep their names; dynamic: every batch has its own token count
         model.uniter.encoder.compile(backend=cfg.compile, dynamic=True)
     engine = build_engine(model.to(device), cfg)
+    if rank == 0:  # before training: a checkpoint written mid-run is loadable with these
+        _write_run_files(out_dir, cfg, model, data)
     tasks = _all_tasks(cfg)
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
     sampler = TaskSampler(cfg.tasks, cfg.seed, cfg.task_phases)
@@ -241,6 +245,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
                 val = validate(engine.module, data.val, tasks, batch_tokens=cfg.train_batch_size,
                                num_batches=cfg.eval.val_batches, options=streams.options, device=device, seed=cfg.seed)
                 history.append({"step": update + 1, "task": "validation", "val": val})
+                _save_model(engine.module, out_dir, update + 1, rank)  # the original's checkpoint at each validation
     finally:  # a step that fails leaves no thread making batches
         batches.close()
     elapsed = time.time() - started
@@ -258,9 +263,9 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
         "chance": {"retrieval_r1": 100.0 / min(cfg.eval.retrieval_images, len(data.retrieval_image_ids)),
                    "itm_acc": 0.5, "mlm_acc": 1.0 / data.vocab_size},
     }
-    with full_parameters(model):  # ZeRO-3 keeps a shard per rank: gather before writing the checkpoint
-        if rank == 0:
-            _write_outputs(out_dir, cfg, model, data, history, metrics)
+    _save_model(model, out_dir, cfg.num_train_steps, rank)
+    if rank == 0:
+        _write_results(out_dir, history, metrics)
     return metrics
 
 
@@ -285,12 +290,9 @@ def _final_train(history: list[dict], tasks) -> dict:
     return out
 
 
-def _write_outputs(out_dir: Path, cfg: PretrainConfig, model, data: PretrainData, history, metrics) -> None:
-    from uniter_fast.viz.curves import plot_curves
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_run_files(out_dir: Path, cfg: PretrainConfig, model, data: PretrainData) -> None:
+    """What a checkpoint needs beside its weights (the model's config, the vocabulary) and the run's config."""
     (out_dir / "ckpt").mkdir(exist_ok=True)
-    save_checkpoint(model, out_dir / "ckpt" / f"model_step_{cfg.num_train_steps}.pt")
     model.config.to_json(out_dir / "ckpt" / "config.json")
     if data.tokenizer is not None:
         data.tokenizer.save(out_dir / "ckpt" / "tokenizer.json")
@@ -298,6 +300,19 @@ def _write_outputs(out_dir: Path, cfg: PretrainConfig, model, data: PretrainData
         meta = {k: v for k, v in data.text_meta.items() if k != "tokenizer"}
         (out_dir / "ckpt" / "text_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out_dir / "pretrain_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list) + "\n")
+
+
+def _save_model(model, out_dir: Path, step: int, rank: int) -> None:
+    """ckpt/model_step_{step}.pt, the original's name; every rank calls it (ZeRO-3 gathers the shards), rank 0
+    writes."""
+    with full_parameters(model):
+        if rank == 0:
+            save_checkpoint(model, out_dir / "ckpt" / f"model_step_{step}.pt")
+
+
+def _write_results(out_dir: Path, history, metrics) -> None:
+    from uniter_fast.viz.curves import plot_curves
+
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
     plot_curves([r for r in history if r["task"] != "validation"], out_dir / "curves.png")
