@@ -69,8 +69,10 @@ def test_zero3_run_writes_whole_parameters(tmp_path):
 @pytest.mark.slow
 def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3(tmp_path):
     """`deepspeed --num_gpus 2 --module uniter_fast.cli pretrain` as the README gives it, on CPU ranks: each rank
-    holds half of every parameter under ZeRO-3, and rank 0 writes them whole after gathering."""
-    path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3)
+    holds half of every parameter under ZeRO-3, and rank 0 writes them whole after gathering, mid-run (validation
+    at update 3) and at the end."""
+    path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3,
+                         eval={"val_batches": 2, "retrieval_images": 10, "valid_steps": 3})
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("WORLD_SIZE", None)
     launcher = shutil.which("deepspeed")
@@ -81,10 +83,11 @@ def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3(tmp_pat
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (run.stdout + run.stderr).count("exits successfully") == 2  # the launcher's line per rank
     ckpt = tmp_path / "run" / "ckpt"
-    state = torch.load(ckpt / "model_step_6.pt", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    model = UniterForPretraining.from_pretrained(ckpt / "model_step_6.pt", ckpt / "config.json")  # strict: whole
-    assert model.uniter.encoder.layer[0].attention.self.qkv.weight.shape == (3 * 64, 64)
+    for step in (3, 6):
+        state = torch.load(ckpt / f"model_step_{step}.pt", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+        model = UniterForPretraining.from_pretrained(ckpt / f"model_step_{step}.pt", ckpt / "config.json")  # whole
+        assert model.uniter.encoder.layer[0].attention.self.qkv.weight.shape == (3 * 64, 64)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_train_steps"] == 6
 
 
