@@ -82,7 +82,7 @@ def check_regions(arrays: Mapping[str, np.ndarray], source, record: str) -> Imag
         raise ConversionError(source, record, f"conf must be ({n},) or ({n}, 1) to match features, got {conf.shape}")
     if norm_bb.ndim != 2 or norm_bb.shape[0] != n or norm_bb.shape[1] not in (6, 7):
         raise ConversionError(source, record, f"norm_bb must be ({n}, 6) or ({n}, 7), got {norm_bb.shape}")
-    if soft is not None and (soft.ndim != 2 or soft.shape[0] != n):
+    if soft is not None and (soft.ndim != 2 or soft.shape[0] != n or soft.shape[1] == 0):
         raise ConversionError(source, record, f"soft_labels must be ({n}, C), got {soft.shape}")
     for name, arr in (("features", features), ("norm_bb", norm_bb), ("conf", conf), ("soft_labels", soft)):
         if arr is not None and arr.dtype.kind != "f":

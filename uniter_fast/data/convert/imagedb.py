@@ -152,6 +152,12 @@ def _read_nbb(path: Path) -> dict[str, int]:
 
 def _plan(db: Path, nbb_json: str | Path | None, boxes: str, rule: RegionRule, num_bb: int | None):
     """(mode, counts or N): how rows are selected for this DB, from its name unless told otherwise."""
+    told = [what for what, given in ((f"boxes={boxes!r}", boxes != "auto"), ("nbb_json (--nbb)", nbb_json is not None),
+                                     ("num_bb (--num-bb)", num_bb is not None)) if given]
+    if len(told) > 1:  # one would be ignored without a word
+        raise ValueError(f"image DB {db}: {' and '.join(told)} each say how many regions to keep: pass one of them")
+    if num_bb is not None and (isinstance(num_bb, bool) or not isinstance(num_bb, int) or num_bb < 1):
+        raise ValueError(f"image DB {db}: num_bb must be a positive integer, got {num_bb!r}")
     if boxes == "rule":
         return "rule", None
     if boxes == "keep":
