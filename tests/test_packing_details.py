@@ -221,13 +221,16 @@ def test_pool_buffers_are_whole_huge_pages_with_an_eighth_to_spare_and_fit_exact
     assert len(pool) == 2
 
 
-def test_pool_drops_the_smallest_free_buffers_only_until_the_new_one_fits_the_cap():
-    # free buffers of 2 MiB (asked 1) and 6 MiB (asked 4); asking 7 MiB: 2 + 6 + 7 > 13 MiB, 6 + 7 = 13 MiB is kept
-    pool = BufferPool(max_free_bytes=13 * MiB)
+@pytest.mark.parametrize("cap_mib, kept_mib", [(14, [6, 8]), (13, [8])])
+def test_pool_drops_the_smallest_free_buffers_only_until_the_new_one_fits_the_cap(cap_mib, kept_mib):
+    # free buffers of 2 MiB (asked 1) and 6 MiB (asked 4); asking 7 MiB allocates 8 (7 + 1/8 in whole 2 MiB pages):
+    # under 14 MiB, 2 + 6 + 8 is over and 6 + 8 fits, so only the 2 goes; under 13 MiB the 6 goes as well (the
+    # cap counts what is allocated, not what was asked: 6 + 7 would have fitted)
+    pool = BufferPool(max_free_bytes=cap_mib * MiB)
     small, big = pool.take(1 * MiB), pool.take(4 * MiB)  # two buffers, both free again below
     del small, big
     pool.take(7 * MiB)
-    assert sorted(b.nbytes for b in pool._buffers) == [6 * MiB, 8 * MiB]
+    assert sorted(b.nbytes for b in pool._buffers) == [k * MiB for k in kept_mib]
 
 
 def test_carving_aligns_each_tensor_to_4_kib_and_carved_bytes_agrees():

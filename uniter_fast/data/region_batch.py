@@ -124,17 +124,18 @@ class BufferPool:
             fits = [i for i in free if self._buffers[i].nbytes >= nbytes]
             if fits:
                 return self._buffers[min(fits, key=lambda i: self._buffers[i].nbytes)]
-            # keep the free buffers within the cap, dropping the smallest first (they fit fewer batches)
+            size = _round_up(nbytes + nbytes // 8, 2 << 20)  # room for the next, slightly larger batch
+            # keep the free buffers and the new one within the cap, dropping the smallest first (they fit fewer
+            # batches)
             free.sort(key=lambda i: self._buffers[i].nbytes)
             kept_bytes = sum(self._buffers[i].nbytes for i in free)
             drop = set()
             for i in free:
-                if kept_bytes + nbytes <= self.max_free_bytes:
+                if kept_bytes + size <= self.max_free_bytes:
                     break
                 drop.add(i)
                 kept_bytes -= self._buffers[i].nbytes
             self._buffers = [b for i, b in enumerate(self._buffers) if i not in drop]
-            size = _round_up(nbytes + nbytes // 8, 2 << 20)  # room for the next, slightly larger batch
             memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 memory.madvise(mmap.MADV_HUGEPAGE)
