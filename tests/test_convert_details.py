@@ -22,10 +22,12 @@ from test_convert import (
 )
 from uniter_fast.data.convert import (
     LXMERT_FIELDS, ConversionError, ConversionSummary, RegionRule, convert_image_db, convert_npz_dir,
-    convert_text_db, convert_tsv,
+    convert_text_db, convert_tsv, export_synthetic,
 )
 from uniter_fast.data.convert.common import apply_rule, check_regions
+from uniter_fast.data.synthetic import WorldConfig, make_world
 from uniter_fast.data.text_corpus import read_text_corpus
+from uniter_fast.train.config import DataOptions, PretrainConfig
 
 RegionStore = pytest.importorskip("uniter_fast.data.region_store").RegionStore
 
@@ -427,20 +429,31 @@ def test_text_db_keeps_ids_above_int16(tmp_path, rng):
 
 # ---- the synthetic world ------------------------------------------------------------------------------------
 
-def test_synthetic_export_writes_the_val_captions_and_absolute_paths(tmp_path, monkeypatch):
-    from uniter_fast.data.convert import export_synthetic
-    from uniter_fast.data.synthetic import WorldConfig, make_world
-    from uniter_fast.train.config import DataOptions, PretrainConfig
+SMALL_WORLD = WorldConfig(num_train_images=6, num_val_images=3, captions_per_image=2, max_regions=12, img_dim=16,
+                          num_labels=40)
 
-    world = WorldConfig(num_train_images=6, num_val_images=3, captions_per_image=2, max_regions=12, img_dim=16,
-                        num_labels=40)
+
+def _export(dst):
+    return export_synthetic(PretrainConfig(data=DataOptions(world=SMALL_WORLD, vocab_size=120)), dst, progress=False)
+
+
+def test_synthetic_export_writes_the_val_captions_and_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # a relative destination: the config must still name absolute paths
-    export_synthetic(PretrainConfig(data=DataOptions(world=world, vocab_size=120)), "files", progress=False)
+    _export("files")
     files = tmp_path / "files"
     data = json.loads((files / "pretrain.json").read_text())["data"]
     assert (data["region_store"], data["text_corpus"], data["val_text_corpus"]) == (
         str(files / "regions"), str(files / "train.corpus.npz"), str(files / "val.corpus.npz"))
-    val = make_world(world)["val"].captions
+    val = make_world(SMALL_WORLD)["val"].captions
     _, image_ids, text_ids, _ = read_text_corpus(files / "val.corpus.npz")
     assert text_ids == [c.text_id for c in val] and image_ids == [c.image_id for c in val] and len(val) == 6
     assert len(RegionStore(files / "regions")) == 9
+
+
+@pytest.mark.parametrize("existing", ["train.corpus.npz", "pretrain.json"])
+def test_synthetic_export_never_writes_over_an_earlier_one(tmp_path, existing):
+    # the region store's own check came first and only guarded regions/: the corpora and config were replaced
+    (tmp_path / existing).write_text("earlier")
+    with pytest.raises(FileExistsError, match=rf"export to {tmp_path}: {tmp_path / existing} already exist"):
+        _export(tmp_path)
+    assert (tmp_path / existing).read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == [existing]

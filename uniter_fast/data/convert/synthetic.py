@@ -24,6 +24,10 @@ STORE_NAME, TRAIN_NAME, VAL_NAME, CONFIG_NAME = "regions", "train.corpus.npz", "
 def export_synthetic(cfg, dst: str | Path, *, progress: bool = True) -> ConversionSummary:
     """Write the world of `cfg` (a PretrainConfig) under `dst`; returns what was written."""
     dst = Path(dst)
+    existing = [str(dst / name) for name in (STORE_NAME, TRAIN_NAME, VAL_NAME, CONFIG_NAME) if (dst / name).exists()]
+    if existing:  # checked before writing anything: an earlier export is never partly replaced
+        raise FileExistsError(f"export to {dst}: {', '.join(existing)} already exist; remove them or choose another "
+                              "destination")
     world = make_world(cfg.data.world)
     tokenizer = caption_tokenizer(world["train"], cfg.data.vocab_size)
     total = sum(len(split.images) for split in world.values())
