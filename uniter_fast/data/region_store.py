@@ -601,8 +601,9 @@ class RegionStore(collections.abc.Mapping):
         self.close()
 
     def __reduce__(self):
-        return (_reopen, (os.fspath(self.path), self.verify, self.threads))
+        # a default thread count stays a default: the clone still copies on one thread in a DataLoader worker
+        return (_reopen, (os.fspath(self.path), self.verify, self.threads if self._threads_given else None))
 
 
-def _reopen(path: str, verify: str, threads: int) -> RegionStore:
+def _reopen(path: str, verify: str, threads: int | None) -> RegionStore:
     return RegionStore(path, verify=verify, threads=threads)
