@@ -698,7 +698,8 @@ class Store {
   }
 
   // Runs work(i) for every batch position, split into contiguous runs of about equal bytes over up to
-  // `threads` threads (the caller's included). The error of the earliest failing position is rethrown.
+  // `threads` threads (the caller's included). The error of the earliest failing position is rethrown: a
+  // failure stops the work beyond it only, so every earlier position still runs, whichever thread holds it.
   template <typename Work>
   void run_split(const std::vector<size_t>& pos, int threads, Work work) const {
     const size_t count = pos.size();
@@ -717,15 +718,17 @@ class Store {
 
     std::vector<std::exception_ptr> errors(parts);
     std::vector<size_t> failed_at(parts, count);
-    std::atomic<bool> stop{false};
+    std::atomic<size_t> stop_at{count};  // the earliest failing position seen so far
     auto run = [&](size_t k) {
-      for (size_t i = bounds[k]; i < bounds[k + 1] && !stop.load(std::memory_order_relaxed); ++i) {
+      for (size_t i = bounds[k]; i < bounds[k + 1] && i < stop_at.load(std::memory_order_relaxed); ++i) {
         try {
           work(i);
         } catch (...) {
           errors[k] = std::current_exception();
           failed_at[k] = i;
-          stop.store(true);
+          size_t seen = stop_at.load();
+          while (i < seen && !stop_at.compare_exchange_weak(seen, i)) {
+          }
           break;
         }
       }

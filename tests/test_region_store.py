@@ -372,6 +372,22 @@ def test_corrupt_byte_is_reported_with_shard_and_image(store_dir, verify):
     assert [image_id for image_id, _ in problems] == ["img_0_6"] and "checksum mismatch" in problems[0][1]
 
 
+def test_of_two_threads_failing_the_earliest_damaged_record_is_reported(tmp_path):
+    """16 images of 2 MiB split over two copy threads, 0-7 and 8-15: record 8, first in the second thread's run,
+    fails at once, and record 7, the first thread's last, fails later. The error is record 7's every time: a
+    failure stops only the work after it (it used to stop the first thread before it reached record 7)."""
+    rng = np.random.default_rng(0)
+    images = {f"big_{i}": make_image(rng, 500, feature_dim=2048) for i in range(16)}
+    path = write_store(tmp_path / "store", images, feature_dim=2048)
+    for image_id in ("big_7", "big_8"):
+        shard, offset, _ = RegionStore(path).location(image_id)
+        corrupt(shard, offset + 65)
+    store = RegionStore(path, verify="always", threads=2)
+    for _ in range(10):
+        with pytest.raises(CorruptRecordError, match=r"image 'big_7'"):
+            store.gather(list(images))
+
+
 def test_verify_never_does_not_check_and_first_checks_once(store_dir, images):
     shard, offset, _ = RegionStore(store_dir).location("img_0_6")
     first = RegionStore(store_dir, verify="first")
