@@ -74,3 +74,11 @@ def test_curves_keep_a_loss_below_zero_on_a_symmetric_log_axis(tmp_path, monkeyp
     assert ax.get_yscale() == "symlog"
     bottom, top = ax.get_ylim()
     assert bottom < 0.5 - 0.05 * 20 and top >= 0.45
+
+
+def test_attention_plot_refuses_fewer_token_labels_than_text_rows(tmp_path):
+    # matplotlib's own error ("FixedLocator locations") did not say which argument was short
+    sample = SampleAttention(torch.rand(1, 2, 5, 5), text_len=3)
+    with pytest.raises(ValueError, match=r"tokens: 2 labels for a sample of 3 text rows"):
+        plot_attention(sample, tmp_path / "a.png", tokens=["dog", "runs"])
+    assert not (tmp_path / "a.png").exists()

@@ -35,7 +35,11 @@ def attention_maps(model, batch: PackedBatch) -> list[SampleAttention]:
 
 def plot_attention(sample: SampleAttention, path: str | Path, layer: int = -1, tokens: list[str] | None = None,
                    max_heads: int = 16) -> None:
-    """One layer's heads of one sample as heat maps; lines separate text from regions."""
+    """One layer's heads of one sample as heat maps; lines separate text from regions. tokens: the text rows'
+    labels, [CLS] and [SEP] included (any beyond the text rows are left out)."""
+    if tokens is not None and len(tokens) < sample.text_len:
+        raise ValueError(f"tokens: {len(tokens)} labels for a sample of {sample.text_len} text rows: give one per "
+                         "text row, [CLS] and [SEP] included")
     import matplotlib
 
     matplotlib.use("Agg")
