@@ -62,10 +62,15 @@ def _qkv_from_original(module: SelfAttention, state_dict, prefix: str, local_met
     for kind in ("weight", "bias"):
         keys = [f"{prefix}{part}.{kind}" for part in QKV_PARTS]
         present = [k for k in keys if k in state_dict]
-        if len(present) == 3 and f"{prefix}qkv.{kind}" not in state_dict:
-            state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+        plural = {"weight": "weights", "bias": "biases"}[kind]
+        fused = f"{prefix}qkv.{kind}"
+        if len(present) == 3 and fused not in state_dict:
+            state_dict[fused] = torch.cat([state_dict.pop(k) for k in keys])
+        elif present and fused in state_dict:
+            error_msgs.append(f"{prefix}: the attention's {plural} are given twice, as {fused} and as "
+                              f"{', '.join(present)}: keep one of them")
         elif present:
-            error_msgs.append(f"{prefix}: the attention's query, key and value {kind}s load together; got only "
+            error_msgs.append(f"{prefix}: the attention's query, key and value {plural} load together; got only "
                               f"{', '.join(present)}")
 
 
