@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from uniter_fast.data.packing import pack_batch
 from uniter_fast.kernels import attention, attention_xformers, backend
-from uniter_fast.kernels import attention_triton  # noqa: F401  (loaded under the interpreter conftest sets: the
-#                                                   tests that unset TRITON_INTERPRET must not be the first to load it)
 from uniter_fast.model import UniterForPretraining, UniterModel, pretrain
 from uniter_fast.model.encoder import SelfOutput
 from uniter_fast.objectives.tasks import PretrainBatch
