@@ -324,3 +324,73 @@ def test_backward_fused_delta_is_one_launch_and_needs_a_square_tile(recorded):
     assert [fn for fn, _, _ in recorded] == [att._delta_kernel, att._bwd_kernel]
     with pytest.raises(AssertionError, match="one key block and one query block"):
         att.backward(g, q, k, v, q, lse, cu, 64, 0.25, 0.0, None, launch=att.Launch(16, 32))
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Fresh float buffers hold NaN: torch.empty and empty_like promise no contents, so launchers must not rely
+    on the zeros a new allocation often happens to hold."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_empty_like(*a, **kw)))
+
+
+def test_backward_refuses_inputs_of_different_layouts_even_with_matching_gradients(recorded):
+    # the kernel stores dq, dk and dv with q's strides: k of its own layout would get its gradient misplaced
+    (q, _, v, g), cu = _qkv()
+    k = torch.zeros(64, 2, 32)[..., :16]  # rows 64 elements apart against q's 32, still unit-stride
+    grads = (torch.zeros_like(q), torch.zeros(64, 2, 32)[..., :16], torch.zeros_like(v))  # each like its input
+    with pytest.raises(ValueError, match="share one layout"):
+        att.backward(g, q, k, v, q, torch.zeros(64, 2), cu, 64, 0.25, 0.0, None, grads=grads)
+    assert not recorded
+
+
+def test_backward_row_offset_check_counts_the_rows_of_out(recorded):
+    # one row whose out has a row stride of 2**26: (1 + 64) * 2**26 > 2**31 even though q, k, v are narrow
+    (q, k, v, g), cu = _qkv(total=1, heads=1)
+    out = torch.zeros(16).as_strided((1, 1, 16), (2**26, 16, 1))
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        att.backward(g, q, k, v, out, torch.zeros(1, 1), torch.tensor([0, 1], dtype=torch.int32), 1, 0.25, 0.0,
+                     None)
+    assert not recorded
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_backward_without_samples_gives_zero_gradients(recorded, nan_empty, given):
+    # rows of no sample take no part in the loss: their gradient is 0 whatever the buffers held, with no launch
+    (q, k, v, g), _ = _qkv(total=2)
+    grads = tuple(torch.ones_like(t) for t in (q, k, v)) if given else None
+    got = att.backward(g, q, k, v, q, torch.zeros(2, 2), torch.zeros(1, dtype=torch.int32), 4, 0.25, 0.0, None,
+                       grads=grads)
+    assert all(bool((t == 0).all()) and t.shape == q.shape for t in got) and not recorded
+
+
+def test_dropout_seed_message_names_the_device():
+    with pytest.raises(ValueError, match="one int64 on cpu, got torch.int32"):
+        att._seed_pointer(torch.zeros(1, dtype=torch.int32), 0.1, torch.zeros(2, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------- the OT launchers' tunes
+
+
+@pytest.fixture
+def ot_recorded(monkeypatch):
+    """The OT launchers' launches, recorded instead of run: (kernel, grid, keywords)."""
+    calls = []
+    monkeypatch.setattr(ot, "launch_kernel", lambda fn, grid, *args, **kwargs: calls.append((fn, grid, kwargs)))
+    return calls
+
+
+def test_tuned_dot_precision_reaches_both_ot_launches(ot_recorded):
+    # fp32 vectors take "ieee" by rule (_dot_precision); a tune's DOT_PRECISION replaces it, forward and backward
+    text, regions = ot.Rows(torch.zeros(2, 3, 48)), ot.Rows(torch.zeros(2, 4, 48))
+    lens, tune = (torch.tensor([3, 2]), torch.tensor([4, 1])), {"DOT_PRECISION": "tf32"}
+    ot.transport_vectors(text, regions, *lens, ot.Solve("ipot", 2.0, 3), tune=tune)
+    ot.cosine_backward(text, regions, *lens, torch.zeros(2, 3, 4), ot.grad_stats(2, 3, 4, torch.device("cpu")),
+                       torch.ones(2), tune=tune)
+    (_, _, forward), (_, _, backward) = ot_recorded
+    assert forward["DOT_PRECISION"] == "tf32" and backward["DOT_PRECISION"] == "tf32"
