@@ -134,7 +134,7 @@ class _Batch:
 
 def _fake_run(tmp_path, monkeypatch, clock=None, rank=(0, 1), **changes):
     """pretrain() with everything but the loop replaced: returns (metrics, what the fakes saw)."""
-    seen = {"validate": [], "tokens": [], "seed": [], "streams": []}
+    seen = {"validate": [], "tokens": [], "seed": [], "streams": [], "saved": []}
     data = SimpleNamespace(train=SimpleNamespace(shard=lambda r, w: ("shard", r, w), images={}), val=None,
                            vocab_size=50, retrieval_image_ids=["a", "b"], retrieval_texts=[])
 
@@ -165,7 +165,9 @@ def _fake_run(tmp_path, monkeypatch, clock=None, rank=(0, 1), **changes):
                         ("build_engine", engine), ("TaskStreams", streams),
                         ("training_batches", batches), ("validate", validate),
                         ("retrieval_eval", lambda *a: {"ir_r1": 0.0}), ("full_parameters", lambda m: nullcontext()),
-                        ("_write_outputs", lambda *a: seen.setdefault("written", a))):
+                        ("_write_run_files", lambda *a: seen.setdefault("run_files", a)),
+                        ("_save_model", lambda model, out, step, rank: seen["saved"].append((step, rank))),
+                        ("_write_results", lambda *a: seen.setdefault("written", a))):
         monkeypatch.setattr(loop, name, value)
     if clock is not None:
         monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: next(clock)))
@@ -178,8 +180,9 @@ def test_validation_in_the_loop_skips_the_last_update(tmp_path, monkeypatch):
     metrics.json, run once (not twice), with the configured number of batches each time."""
     metrics, seen, _ = _fake_run(tmp_path, monkeypatch, tasks={"mlm": 1}, num_train_steps=6, warmup_steps=1,
                                  eval=EvalOptions(valid_steps=3, val_batches=5))
-    history = seen["written"][4]
+    history = seen["written"][1]
     assert [r["step"] for r in history if r["task"] == "validation"] == [3]
+    assert seen["saved"] == [(3, 0), (6, 0)]  # a checkpoint at each validation, the original's, and at the end
     assert len(seen["validate"]) == 2 and all(kw["num_batches"] == 5 for kw in seen["validate"])
     assert metrics["validation"] == {"mlm": {"loss": 0.0}}
 
@@ -209,7 +212,7 @@ def test_without_a_bar_each_log_interval_is_one_log_line(tmp_path, monkeypatch, 
         for task in set(tasks[:upto]):
             mean = np.mean([n + 1 for n in range(upto) if tasks[n] == task])
             assert f"'{task}': '{mean:.3f}'" in line, (line, task)
-    history = seen["written"][4]
+    history = seen["written"][1]
     assert [(r["step"], r["task"], r["loss"]) for r in history] == [(n + 1, tasks[n], n + 1.0) for n in range(5)]
 
 
@@ -223,12 +226,13 @@ def test_the_logged_mean_is_over_each_tasks_last_20_updates(tmp_path, monkeypatc
 
 def test_a_rank_other_than_0_trains_on_its_shard_and_writes_nothing(tmp_path, monkeypatch, caplog):
     """Rank 1 of 2 reads only its own shard of the training texts (the original shards by rank), logs no lines and
-    leaves the outputs to rank 0."""
+    leaves the outputs to rank 0 (it takes part in gathering the checkpoint, which ZeRO-3 needs of every rank)."""
     caplog.set_level(logging.INFO, logger="uniter_fast.train")
     _, seen, _ = _fake_run(tmp_path, monkeypatch, rank=(1, 2), tasks={"mlm": 1}, num_train_steps=2, warmup_steps=1,
                            log_every=1)
     assert seen["streams"] == [("shard", 1, 2)]
-    assert "written" not in seen and not [r for r in caplog.records if r.name == "uniter_fast.train"]
+    assert "written" not in seen and "run_files" not in seen and seen["saved"] == [(2, 1)]
+    assert not [r for r in caplog.records if r.name == "uniter_fast.train"]
 
 
 def test_the_run_seeds_torch_before_building_the_model(tmp_path, monkeypatch):
@@ -250,7 +254,9 @@ def test_outputs_name_the_step_drop_the_tokenizer_from_text_meta_and_round_trip_
     meta = {"CLS": 1, "SEP": 2, "MASK": 3, "v_range": [5, 50], "vocab_size": 50, "tokenizer": {"model": "x"}}
     data = SimpleNamespace(tokenizer=None, text_meta=meta)
     history = [{"step": 1, "task": "mlm", "loss": 2.0}, {"step": 2, "task": "itm", "loss": 0.7}]
-    loop._write_outputs(tmp_path, cfg, model, data, history, {"num_train_steps": 7})
+    loop._write_run_files(tmp_path, cfg, model, data)
+    loop._save_model(model, tmp_path, 7, 0)
+    loop._write_results(tmp_path, history, {"num_train_steps": 7})
     state = torch.load(tmp_path / "ckpt" / "model_step_7.pt", weights_only=True)
     assert torch.equal(state["itm_output.weight"], model.itm_output.weight)
     assert json.loads((tmp_path / "ckpt" / "text_meta.json").read_text()) == \
