@@ -61,7 +61,7 @@ setup(
         "lz4>=4",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "transformers>=4.40", "pot>=0.9.4"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "pytest-benchmark>=4", "transformers>=4.40", "pot>=0.9.4"],
     },
     entry_points={"console_scripts": ["uniter-fast=uniter_fast.cli:main"]},
 )
