@@ -406,6 +406,7 @@ def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen: int, softmax_s
         raise ValueError("varlen_attention backward: q, k, v and the gradients given must share one layout with "
                          "contiguous rows")
     out, cu_seqlens = _rows(out), cu_seqlens.contiguous()
+    lse = lse.contiguous()  # the kernel reads DELTA (contiguous, (total, heads)) with lse's row stride
     sq, sk, sv, so, sg = q.stride(), k.stride(), v.stride(), out.stride(), grad_out.stride()
     _check_row_offsets(max_seqlen, max(sq[0], sk[0], sv[0], so[0], sg[0]))
     total, heads, head_dim = q.shape
