@@ -33,6 +33,12 @@ def random_samples(batch: int, *, img_dim: int = 24, vocab: int = 50, max_text: 
     return texts, regions
 
 
+def lens_of(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text_lens, region_lens) of transport problems given as (m, n) pairs."""
+    lens = torch.tensor(sizes, dtype=torch.long)
+    return lens[:, 0], lens[:, 1]
+
+
 def random_batch(batch: int = 4, **kwargs):
     texts, regions = random_samples(batch, **kwargs)
     return pack_batch(texts, regions), texts, regions

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import lens_of
 from uniter_fast.kernels import ot_triton as kernels
 from uniter_fast.kernels import reference
 
@@ -20,11 +21,6 @@ SENTINEL = 12345.0  # a value no kernel computes: outputs' surroundings must kee
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(2468)
-
-
-def lens(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    both = torch.tensor(sizes, dtype=torch.long)
-    return both[:, 0], both[:, 1]
 
 
 def poisoned_view(shape: tuple[int, ...], inside: float, outside: float, dtype=torch.float32) -> torch.Tensor:
@@ -77,7 +73,7 @@ SIZES = [(7, 5), (1, 9), (6, 1), (0, 3), (9, 8)]
 
 def poisoned_cost(sizes, gen: torch.Generator, lo: float = 0.0, hi: float = 2.0) -> torch.Tensor:
     """A (B, M, N) fp32 cost, uniform in [lo, hi) on each problem's block, NaN on its pads and all around it."""
-    text_lens, region_lens = lens(sizes)
+    text_lens, region_lens = lens_of(sizes)
     shape = (len(sizes), int(text_lens.max()), int(region_lens.max()))
     cost = poisoned_view(shape, float("nan"), float("nan"))
     for b, (m, n) in enumerate(sizes):
@@ -106,7 +102,7 @@ def test_cost_kernel_keeps_to_its_problems_and_outputs(gen: torch.Generator, gua
     plan and distance are the reference's, pads exactly 0, and nothing is written around the outputs (the last
     program holds fewer problems than PROBS)."""
     cost = poisoned_cost(SIZES, gen)
-    text_lens, region_lens = lens(SIZES)
+    text_lens, region_lens = lens_of(SIZES)
     guarded.clear()  # only the kernel's outputs from here
     solve = kernels.Solve(method, scale=2.0, iterations=9, tol=1e-9)  # met only by a one-column problem's exact plan
     dist, plan, counts = kernels.transport_cost(cost, text_lens, region_lens, solve, want_plan=True, tune=tune)
@@ -126,7 +122,7 @@ def test_half_tiles_keep_to_their_problems(gen: torch.Generator, guarded) -> Non
     pads the half tiles never visit, and nothing is written around dist and plan."""
     sizes = [(3, 40), (40, 5), (33, 33), (32, 32), (0, 40)]
     cost = poisoned_cost(sizes, gen)
-    text_lens, region_lens = lens(sizes)
+    text_lens, region_lens = lens_of(sizes)
     assert kernels._config(len(sizes), cost.shape[1], cost.shape[2], None)["SHRINK"]
     guarded.clear()
     dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, kernels.Solve("ipot", 2.0, 4),
@@ -149,7 +145,7 @@ def test_linear_ipot_folds_by_the_largest_scaled_cost(gen: torch.Generator, lo, 
     cost = poisoned_cost(SIZES, gen, lo=lo, hi=hi)
     if expensive_row:
         cost[0, 2, :5] = 2.0
-    text_lens, region_lens = lens(SIZES)
+    text_lens, region_lens = lens_of(SIZES)
     dist, plan, _ = kernels.transport_cost(cost, text_lens, region_lens, kernels.Solve("ipot", scale, 30),
                                            want_plan=True)
     expected = expected_plan("ipot", cost, text_lens, region_lens, scale, 30)
@@ -166,7 +162,7 @@ def test_linear_ipot_folds_by_the_largest_scaled_cost(gen: torch.Generator, lo, 
 
 def poisoned_vectors(sizes, dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded text (B, M, dim) and regions (B, N, dim): views into NaN buffers, NaN on the pad rows too."""
-    text_lens, region_lens = lens(sizes)
+    text_lens, region_lens = lens_of(sizes)
     sides = []
     for side_lens in (text_lens, region_lens):
         x = poisoned_view((len(sizes), int(side_lens.max()), dim), float("nan"), float("nan"))
@@ -182,7 +178,7 @@ def test_fused_cosine_reads_every_dim_and_fills_grad_stats(gen: torch.Generator,
     plan and distance are the reference's, and grad_stats holds each problem's inverse norms 1/max(|x|, 1e-5) and
     the plan-weighted cosine sums of its rows and columns, written within its own part of the buffer."""
     text, regions = poisoned_vectors(SIZES, dim, gen)
-    text_lens, region_lens = lens(SIZES)
+    text_lens, region_lens = lens_of(SIZES)
     text[4, 2] = 0  # a zero vector: the norm's floor
     batch, max_m, max_n = len(SIZES), text.shape[1], regions.shape[1]
     assert kernels._tuned(kernels._config(batch, max_m, max_n, dim), tune, dim)["BLOCK_D"] in (16, 32)
@@ -217,7 +213,7 @@ def backward_case(sizes, dim: int, gen: torch.Generator):
     every entry that belongs to no row of a problem; the fp64 gradients of sum_b w_b dist_b (plan constant)."""
     text, regions = poisoned_vectors(sizes, dim, gen)
     text, regions = text.nan_to_num(), regions.nan_to_num()  # padded inputs hold zeros; their pads get gradient 0
-    text_lens, region_lens = lens(sizes)
+    text_lens, region_lens = lens_of(sizes)
     batch, max_m, max_n = len(sizes), text.shape[1], regions.shape[1]
     stats = kernels.grad_stats(batch, max_m, max_n, text.device)
     _, plan, _ = kernels.transport_vectors(kernels.Rows(text), kernels.Rows(regions), text_lens, region_lens,

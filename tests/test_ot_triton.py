@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import lens_of
 from uniter_fast.kernels import backend, ot, reference
 
 # (text, regions) lengths: odd sizes, length 1 and empty sides; pads beyond them in every problem
@@ -19,11 +20,6 @@ DIM = 6  # low dimension: cosines spread over [-1, 1]
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(4321)
-
-
-def lens_of(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    lens = torch.tensor(sizes, dtype=torch.long)
-    return lens[:, 0], lens[:, 1]
 
 
 def vectors(sizes, *, gen: torch.Generator, dim: int = DIM, dtype=torch.float64):
