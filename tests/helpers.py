@@ -39,6 +39,13 @@ def lens_of(sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return lens[:, 0], lens[:, 1]
 
 
+def cu_seqlens_of(lens) -> torch.Tensor:
+    """int32 (B + 1,) offsets of packed samples of these lengths: 0, then the running totals."""
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(list(lens), dtype=torch.int64).cumsum(0)
+    return cu
+
+
 def random_batch(batch: int = 4, **kwargs):
     texts, regions = random_samples(batch, **kwargs)
     return pack_batch(texts, regions), texts, regions

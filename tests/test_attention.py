@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import cu_seqlens_of
 from uniter_fast.kernels import attention, backend, reference
 
 GRAPH_CAPTURE_CHECK = Path(__file__).with_name("graph_capture_check.py")
@@ -26,8 +27,7 @@ LENS = [5, 0, 1, 17, 70, 3]
 def packed(lens, heads=2, head_dim=16, *, dtype=torch.float64, device="cpu", seed=0):
     """q, k, v (total, heads, head_dim) and int32 cu_seqlens for samples of these lengths."""
     gen = torch.Generator().manual_seed(seed)
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
+    cu = cu_seqlens_of(lens)
     q, k, v = (torch.randn(int(cu[-1]), heads, head_dim, generator=gen, dtype=torch.float64)
                .to(device=device, dtype=dtype) for _ in range(3))
     return q, k, v, cu.to(device)

@@ -19,12 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import cu_seqlens_of
 from uniter_fast.kernels import attention_triton as att
 from uniter_fast.kernels import reference
-
-
-def offsets(lens):
-    return torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
 
 
 def exact(q, k, v, cu, grad, scale):
@@ -90,7 +87,7 @@ def test_keep_mask_is_the_documented_philox_draw():
     draws within a group is the kernels' own): max_seqlen 21 is no multiple of 8 (ceil, not floor), the seed
     passes 2**32 (both key words), and one rate puts the threshold exactly on a draw (kept: >=, not >)."""
     lens, heads, n, seed = [21, 0, 16, 9], 2, 21, 2**40 + 977
-    cu = offsets(lens)
+    cu = cu_seqlens_of(lens)
     first = int(draws(seed, 0, 0, heads, 1, 1, n)[0, 0, 0])
     assert 0 < first < 65536
     for p in (0.5, first / 65536):  # the second rate's threshold is exactly the first draw
@@ -126,7 +123,7 @@ def test_online_softmax_survives_far_apart_block_maxima_and_very_negative_rows()
     q = (a[:, None] * unit).expand(heads, length, d).transpose(0, 1).contiguous()
     k = (b[:, None] * unit).expand(heads, length, d).transpose(0, 1).contiguous()
     v = torch.randn(length, heads, d, generator=gen)
-    cu, grad = offsets([length]), torch.randn(length, heads, d, generator=gen)
+    cu, grad = cu_seqlens_of([length]), torch.randn(length, heads, d, generator=gen)
     got, _ = kernels_and_grads(q, k, v, cu, grad, scale)
     expected = exact(q, k, v, cu, grad, scale)
     torch.testing.assert_close(got[0][0::2].double(), v[0:1].double().expand(35, -1, -1), atol=1e-5, rtol=0)
@@ -158,7 +155,7 @@ def test_nothing_outside_the_views_is_read_or_written():
     whose other entries must keep their value. An empty sample sits between others; the backward runs in 16-row
     blocks: one sample spans three, the last is one row past a block (its tiles reach past the tensor's end)."""
     lens, heads, d, scale, sentinel = [5, 0, 40, 1, 17], 2, 8, 0.3, -7.0
-    cu, total, n = offsets(lens), sum(lens), max(lens)
+    cu, total, n = cu_seqlens_of(lens), sum(lens), max(lens)
     gen = torch.Generator().manual_seed(2)
     buffer, qkv = poisoned(torch.randn(total, 3, heads, d, generator=gen), float("nan"))
     q, k, v = qkv.unbind(1)
@@ -184,7 +181,7 @@ def test_q_k_v_out_and_dout_of_different_layouts():
     head-major and dO contiguous: each is read with its own strides. A sample of 100 rows spans two query blocks
     of 64 and four key blocks of 32. The saved log-sum-exp is log2 of sum_j exp(scale q.k_j) per row and head."""
     lens, heads, d, scale = [100, 0, 3], 2, 16, 0.2
-    cu, total = offsets(lens), sum(lens)
+    cu, total = cu_seqlens_of(lens), sum(lens)
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(total, heads, d, generator=gen)
     k = torch.randn(total, heads, 2 * d, generator=gen)[..., :d]
@@ -203,7 +200,7 @@ def test_backward_reads_an_lse_of_any_row_stride():
     """The log-sum-exp handed to the backward as a view of wider rows (its row stride not heads) gives the
     reference's gradients: the kernels' rowsum(O dO) buffer is the backward's own, contiguous."""
     lens, heads, d, scale = [6, 0, 9], 2, 8, 0.3
-    cu, total = offsets(lens), sum(lens)
+    cu, total = cu_seqlens_of(lens), sum(lens)
     gen = torch.Generator().manual_seed(4)
     q, k, v, grad = (torch.randn(total, heads, d, generator=gen) for _ in range(4))
     out, lse = att.forward(q, k, v, cu, 9, scale, 0.0, None)
