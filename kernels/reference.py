@@ -25,7 +25,8 @@ def pad_rows(x: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, max_len:
     if x.shape[0] == 0:  # nothing to gather from: every row is padding
         return x.new_zeros(lens.shape[0], max_len, *x.shape[1:])
     out = x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])  # backward: index_add, not index_put
-    return out * valid.view(*valid.shape, *([1] * (x.dim() - 1))).to(out.dtype)
+    # where, not * valid: a non-finite row read for the pads (row 0) must not make them NaN (0 * inf, 0 * NaN)
+    return torch.where(valid.view(*valid.shape, *([1] * (x.dim() - 1))), out, 0)
 
 
 def zero_pads(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
