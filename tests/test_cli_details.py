@@ -116,17 +116,23 @@ def test_pretrain_accepts_the_launchers_local_rank_after_the_subcommand(tmp_path
     assert main(["pretrain", "--config", path, *flag]) == 0 and len(calls) == 1
 
 
-@pytest.mark.parametrize("fails", [False, True])
-def test_pretrain_destroys_the_process_group_after_the_run_even_a_failed_one(tmp_path, monkeypatch, fails):
+@pytest.mark.parametrize("fails, world, expected", [(False, 1, ["destroy"]), (False, 2, ["barrier", "destroy"]),
+                                                    (True, 2, ["destroy"])])
+def test_pretrain_destroys_the_process_group_after_the_run_even_a_failed_one(tmp_path, monkeypatch, fails, world,
+                                                                             expected):
+    """Several ranks wait for each other before tearing the group down; a failed run does not wait (the other
+    ranks may never arrive) but still destroys its group."""
     import deepspeed.comm
     import torch.distributed as dist
 
     path, _ = _pretrain_recorder(monkeypatch, tmp_path, result=ValueError("bad") if fails else None)
-    destroyed = []
+    calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(deepspeed.comm, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setattr(dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(deepspeed.comm, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(deepspeed.comm, "destroy_process_group", lambda: calls.append("destroy"))
     assert main(["pretrain", "--config", path]) == int(fails)
-    assert destroyed == [True]
+    assert calls == expected
 
 
 def test_a_key_error_is_reported_as_its_message_with_its_notes(tmp_path, monkeypatch, capsys):

@@ -35,6 +35,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                                      ("prefetch_batches", args.prefetch_batches)) if v is not None}
         cfg = cfg.replace(**changes)
         metrics = pretrain(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        _all_ranks_done()
     except INPUT_ERRORS as err:
         return _input_error("uniter-fast pretrain", err)
     finally:
@@ -50,6 +51,17 @@ def _pretrain(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"wrote {cfg.output_dir}/metrics.json, {cfg.output_dir}/curves.png and the checkpoint in {cfg.output_dir}/ckpt")
     return 0
+
+
+def _all_ranks_done() -> None:
+    """Wait for every rank before the group is torn down: a rank that destroyed its gloo group while another was
+    still writing the outputs once died in C++ teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import deepspeed.comm
+
+        deepspeed.comm.barrier()
 
 
 def _convert(args: argparse.Namespace) -> int:
