@@ -11,7 +11,7 @@ import torch
 from uniter_fast.cli import main
 from uniter_fast.model import UniterForPretraining
 from uniter_fast.train.config import PretrainConfig
-from uniter_fast.train.engine import NO_DECAY, _free_port, parameter_groups, warmup_linear
+from uniter_fast.train.engine import NO_DECAY, _free_port, clear_stale_gradients, parameter_groups, warmup_linear
 
 
 def _small_config(tmp_path, **changes) -> PretrainConfig:
@@ -55,15 +55,40 @@ def test_tiny_pretraining_run_learns_and_writes_its_outputs(tmp_path):
     assert torch.equal(model.uniter.pooler.dense.weight, state["uniter.pooler.dense.weight"])
 
 
-def test_zero3_run_writes_whole_parameters(tmp_path):
+def test_zero3_run_writes_whole_parameters_and_trains_as_zero2(tmp_path):
     """ZeRO-3 partitions parameters across ranks (placeholders of size 0 on each): the checkpoint must be whole.
-    (With its batches made ahead on a thread: --prefetch-batches reaches the run's config.)"""
-    path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3)
-    assert main(["pretrain", "--config", str(path), "--no-progress", "--prefetch-batches", "2"]) == 0
-    assert json.loads((tmp_path / "run" / "pretrain_config.json").read_text())["prefetch_batches"] == 2
-    state = torch.load(tmp_path / "run" / "ckpt" / "model_step_6.pt", weights_only=True)
+    Its updates are ZeRO-2's, loss for loss: the heads of the tasks an update does not train get no gradient, not
+    the one they got last (clear_stale_gradients). (ZeRO-3's batches are made ahead on a thread: --prefetch-batches
+    reaches the run's config.)"""
+    for stage in (3, 2):
+        path = _small_config(tmp_path, zero_stage=stage, num_train_steps=6, log_every=3,
+                                    output_dir=str(tmp_path / f"zero{stage}"))
+        assert main(["pretrain", "--config", str(path), "--no-progress", "--prefetch-batches", str(stage - 1)]) == 0
+    assert json.loads((tmp_path / "zero3" / "pretrain_config.json").read_text())["prefetch_batches"] == 2
+    state = torch.load(tmp_path / "zero3" / "ckpt" / "model_step_6.pt", weights_only=True)
     assert state["uniter.encoder.layer.0.attention.self.query.weight"].shape == (64, 64)
     assert state["cls.predictions.decoder.weight"].shape == state["uniter.embeddings.word_embeddings.weight"].shape
+    history = [json.loads((tmp_path / f"zero{stage}" / "history.json").read_text()) for stage in (3, 2)]
+    assert len({r["task"] for r in history[0]}) > 1 and history[0] == history[1]
+
+
+def test_clearing_stale_gradients_needs_the_zero3_buffer():
+    class Engine:
+        def __init__(self, stage, optimizer):
+            self.stage, self.optimizer = stage, optimizer
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    class Optimizer:
+        grad_partitions_flat_buffer = torch.ones(4)
+
+    clear_stale_gradients(Engine(2, object()))  # below stage 3: nothing to clear
+    engine = Engine(3, Optimizer())
+    clear_stale_gradients(engine)
+    assert not engine.optimizer.grad_partitions_flat_buffer.any()
+    with pytest.raises(RuntimeError, match="no grad_partitions_flat_buffer .* use zero_stage 2"):
+        clear_stale_gradients(Engine(3, object()))
 
 
 @pytest.mark.slow

@@ -123,6 +123,9 @@ class _FakeEngine:
     def step(self):
         pass
 
+    def zero_optimization_stage(self):
+        return 2
+
 
 class _Batch:
     def __init__(self, tokens):

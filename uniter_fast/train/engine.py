@@ -98,6 +98,22 @@ def build_engine(model: nn.Module, cfg: PretrainConfig):
     return engine
 
 
+def clear_stale_gradients(engine) -> None:
+    """Call before each update's first backward. Under ZeRO-3, DeepSpeed (0.19.8, measured) steps a parameter that
+    got no gradient in an update with the gradient partition it got last, still in the optimizer's flat buffer:
+    UNITER trains one task's head per update, so every other head would be stepped again with its old gradient.
+    Zeroed, the buffer gives those parameters a zero gradient, as stages 0-2 do. A no-op below stage 3."""
+    if engine.zero_optimization_stage() != 3:
+        return
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is None:
+        import deepspeed
+
+        raise RuntimeError(f"ZeRO-3 on DeepSpeed {deepspeed.__version__}: its optimizer has no grad_partitions_flat_buffer "
+                           "to clear, so heads unused in an update could be stepped with stale gradients: use zero_stage 2")
+    buffer.zero_()
+
+
 @contextmanager
 def full_parameters(model: nn.Module):
     """Every parameter whole on every rank inside the block (ZeRO-3 partitions them); a no-op below stage 3.

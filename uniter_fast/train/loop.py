@@ -24,7 +24,7 @@ from uniter_fast.model.pretrain import UniterForPretraining
 from uniter_fast.objectives.tasks import TEXT_MASKED
 from uniter_fast.train.batches import TaskStreams, training_batches
 from uniter_fast.train.config import PretrainConfig
-from uniter_fast.train.engine import build_engine, full_parameters, init_distributed
+from uniter_fast.train.engine import build_engine, clear_stale_gradients, full_parameters, init_distributed
 from uniter_fast.train.tasks import TaskSampler
 
 log = logging.getLogger("uniter_fast.train")
@@ -224,6 +224,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     try:
         for update in bar:
             task = sampler.task_for(update)
+            clear_stale_gradients(engine)  # the heads of the other tasks get no gradient in this update
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
                 tokens += batch.inputs.total_tokens
