@@ -1,7 +1,9 @@
-"""Builders shared by the tests: random packed batches and a tiny config."""
+"""Builders shared by the tests: random packed batches, a tiny model config, a small pre-training config."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,3 +120,19 @@ def ipot_single(cost_text_region: np.ndarray, beta: float, iterations: int, k: i
             sigma = 1.0 / (m * (q.T @ delta))
         t = delta[:, None] * q * sigma[None, :]
     return t.T
+
+
+def pretrain_config_file(tmp_path, **changes) -> Path:
+    """tmp_path/config.json: a small pre-training run on the CPU, writing to tmp_path/run; `changes` replace keys."""
+    data = {
+        "model": {"preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                  "intermediate_size": 128}},
+        "data": {"world": {"num_train_images": 120, "num_val_images": 20, "captions_per_image": 3,
+                           "max_regions": 14}, "vocab_size": 200},
+        "eval": {"val_batches": 2, "retrieval_images": 10},
+        "train_batch_size": 800, "learning_rate": 2e-3, "warmup_steps": 10, "num_train_steps": 80,
+        "log_every": 5, "output_dir": str(tmp_path / "run"), **changes,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    return path

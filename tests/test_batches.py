@@ -44,6 +44,24 @@ def test_micro_batches_follow_the_task_sampler(corpus):
         not (batches[0].inputs.input_ids == batches[1].inputs.input_ids).all()
 
 
+@pytest.mark.parametrize("start", [1, 3, 5])
+def test_from_an_update_on_the_plans_are_those_of_a_run_from_the_start(corpus, start, monkeypatch):
+    """A resumed run's data position: streams fast-forwarded over `start` updates (two micro-batches each, tasks
+    mixed after a phase) plan the batches a run from update 0 plans from there, with the same draws counted."""
+    def plans(first: int) -> tuple[list, dict]:
+        streams = TaskStreams(corpus, TASKS, CFG, rank=0)
+        sampler = TaskSampler(CFG.tasks, CFG.seed, CFG.task_phases)
+        streams.fast_forward(sampler, first)
+        made = []
+        monkeypatch.setattr(streams, "make", lambda plan: made.append(plan) or plan)
+        list(training_batches(streams, sampler, CFG, 0, start=first))
+        return made, dict(streams.drawn)
+
+    straight, drawn = plans(0)
+    resumed, drawn_resumed = plans(start)
+    assert resumed == straight[2 * start:] and drawn_resumed == drawn
+
+
 def test_a_planned_batch_is_the_batch_next_makes(corpus):
     planned, direct = TaskStreams(corpus, TASKS, CFG, rank=0), TaskStreams(corpus, TASKS, CFG, rank=0)
     for task in ("mlm", "itm", "mrckl", "mlm"):

@@ -39,8 +39,8 @@ def _pretrain_recorder(monkeypatch, tmp_path, result=None, **config) -> tuple[st
     path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), **config}))
     calls = []
 
-    def fake_pretrain(cfg, progress, overwrite):
-        calls.append({"cfg": cfg, "progress": progress, "overwrite": overwrite})
+    def fake_pretrain(cfg, progress, overwrite, resume):
+        calls.append({"cfg": cfg, "progress": progress, "overwrite": overwrite, "resume": resume})
         if isinstance(result, Exception):
             raise result
         return METRICS
@@ -80,15 +80,18 @@ def _is_png(path) -> bool:
 
 def test_pretrain_flags_reach_the_run_including_a_zero_prefetch(tmp_path, monkeypatch):
     """--output-dir, --compile and --prefetch-batches 0 (make no batches ahead: a falsy value, still given) override
-    the config; without flags the config's values stand, progress on and overwrite off."""
+    the config; without flags the config's values stand, progress on, overwrite and resume off; --resume reaches
+    the run."""
     path, calls = _pretrain_recorder(monkeypatch, tmp_path, prefetch_batches=3)
     assert main(["pretrain", "--config", path]) == 0
     assert main(["pretrain", "--config", path, "--output-dir", str(tmp_path / "other"), "--compile", "aot_eager",
                  "--prefetch-batches", "0", "--no-progress", "--overwrite"]) == 0
-    default, flagged = calls
+    assert main(["pretrain", "--config", path, "--resume"]) == 0
+    default, flagged, resumed = calls
     assert (default["cfg"].output_dir, default["cfg"].compile, default["cfg"].prefetch_batches) == \
         (str(tmp_path / "run"), None, 3)
-    assert (default["progress"], default["overwrite"]) == (True, False)
+    assert (default["progress"], default["overwrite"], default["resume"]) == (True, False, False)
+    assert (resumed["overwrite"], resumed["resume"]) == (False, True)
     assert (flagged["cfg"].output_dir, flagged["cfg"].compile, flagged["cfg"].prefetch_batches) == \
         (str(tmp_path / "other"), "aot_eager", 0)
     assert (flagged["progress"], flagged["overwrite"]) == (False, True)

@@ -8,30 +8,16 @@ import subprocess
 import pytest
 import torch
 
+from helpers import pretrain_config_file
 from uniter_fast.cli import main
 from uniter_fast.model import UniterForPretraining
 from uniter_fast.train.config import PretrainConfig
 from uniter_fast.train.engine import NO_DECAY, _free_port, clear_stale_gradients, parameter_groups, warmup_linear
 
 
-def _small_config(tmp_path, **changes) -> PretrainConfig:
-    data = {
-        "model": {"preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                  "intermediate_size": 128}},
-        "data": {"world": {"num_train_images": 120, "num_val_images": 20, "captions_per_image": 3,
-                           "max_regions": 14}, "vocab_size": 200},
-        "eval": {"val_batches": 2, "retrieval_images": 10},
-        "train_batch_size": 800, "learning_rate": 2e-3, "warmup_steps": 10, "num_train_steps": 80,
-        "log_every": 5, "output_dir": str(tmp_path / "run"), **changes,
-    }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(data))
-    return path
-
-
 @pytest.mark.slow
 def test_tiny_pretraining_run_learns_and_writes_its_outputs(tmp_path):
-    path = _small_config(tmp_path)
+    path = pretrain_config_file(tmp_path)
     assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -61,7 +47,7 @@ def test_zero3_run_writes_whole_parameters_and_trains_as_zero2(tmp_path):
     the one they got last (clear_stale_gradients). (ZeRO-3's batches are made ahead on a thread: --prefetch-batches
     reaches the run's config.)"""
     for stage in (3, 2):
-        path = _small_config(tmp_path, zero_stage=stage, num_train_steps=6, log_every=3,
+        path = pretrain_config_file(tmp_path, zero_stage=stage, num_train_steps=6, log_every=3,
                                     output_dir=str(tmp_path / f"zero{stage}"))
         assert main(["pretrain", "--config", str(path), "--no-progress", "--prefetch-batches", str(stage - 1)]) == 0
     assert json.loads((tmp_path / "zero3" / "pretrain_config.json").read_text())["prefetch_batches"] == 2
@@ -92,21 +78,26 @@ def test_clearing_stale_gradients_needs_the_zero3_buffer():
 
 
 @pytest.mark.slow
-def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3(tmp_path):
+def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3_and_resumes(tmp_path):
     """`deepspeed --num_gpus 2 --module uniter_fast.cli pretrain` as the README gives it, on CPU ranks: each rank
     holds half of every parameter under ZeRO-3, and rank 0 writes them whole after gathering, mid-run (validation
-    at update 3) and at the end."""
-    path = _small_config(tmp_path, zero_stage=3, num_train_steps=6, log_every=3,
-                         eval={"val_batches": 2, "retrieval_images": 10, "valid_steps": 3})
+    at update 3) and at the end. Then --resume from the state saved at that validation (each rank's partition of
+    the weights and the optimizer, its random state) ends with the same weights and history, bit for bit."""
+    path = pretrain_config_file(tmp_path, zero_stage=3, num_train_steps=6, log_every=3,
+                                eval={"val_batches": 2, "retrieval_images": 10, "valid_steps": 3})
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("WORLD_SIZE", None)
     launcher = shutil.which("deepspeed")
     assert launcher, "the deepspeed launcher is not on PATH (deepspeed is a dependency of the package)"
-    run = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
-                          "uniter_fast.cli", "pretrain", "--config", str(path), "--no-progress"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert (run.stdout + run.stderr).count("exits successfully") == 2  # the launcher's line per rank
+
+    def launch(*flags):
+        run = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+                              "uniter_fast.cli", "pretrain", "--config", str(path), "--no-progress", *flags],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert (run.stdout + run.stderr).count("exits successfully") == 2  # the launcher's line per rank
+
+    launch()
     ckpt = tmp_path / "run" / "ckpt"
     for step in (3, 6):
         state = torch.load(ckpt / f"model_step_{step}.pt", weights_only=True)
@@ -114,6 +105,15 @@ def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3(tmp_pat
         model = UniterForPretraining.from_pretrained(ckpt / f"model_step_{step}.pt", ckpt / "config.json")  # whole
         assert model.uniter.encoder.layer[0].attention.self.qkv.weight.shape == (3 * 64, 64)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_train_steps"] == 6
+    straight = torch.load(ckpt / "model_step_6.pt", weights_only=True)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "run" / "resume" / "step_3").glob("rank_*.pt")) == ["rank_0.pt",
+                                                                                                 "rank_1.pt"]
+    (ckpt / "model_step_6.pt").unlink()
+    launch("--resume")
+    resumed = torch.load(ckpt / "model_step_6.pt", weights_only=True)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert json.loads((tmp_path / "run" / "history.json").read_text()) == history
 
 
 def test_compiled_encoder_trains_as_eager(tmp_path):
@@ -123,7 +123,7 @@ def test_compiled_encoder_trains_as_eager(tmp_path):
     histories = []
     for name, flags in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
         (tmp_path / name).mkdir()
-        path = _small_config(tmp_path / name, num_train_steps=6, log_every=3)
+        path = pretrain_config_file(tmp_path / name, num_train_steps=6, log_every=3)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()  # reset() keeps them; earlier tests compiled graphs too
         assert main(["pretrain", "--config", str(path), "--no-progress", *flags]) == 0
@@ -146,7 +146,7 @@ def test_the_command_line_overrides_only_what_it_is_given(tmp_path, monkeypatch)
         return {"validation": {}, "zero_shot_retrieval": {}}
 
     monkeypatch.setattr(loop, "pretrain", fake_pretrain)
-    path = _small_config(tmp_path, prefetch_batches=3, precision="fp32")
+    path = pretrain_config_file(tmp_path, prefetch_batches=3, precision="fp32")
     assert main(["pretrain", "--config", str(path), "--no-progress"]) == 0
     assert main(["pretrain", "--config", str(path), "--no-progress", "--prefetch-batches", "1", "--steps", "4"]) == 0
     assert [(c.prefetch_batches, c.num_train_steps, c.precision) for c in seen] == [(3, 80, "fp32"), (1, 4, "fp32")]
@@ -185,7 +185,7 @@ def test_the_command_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.startswith("uniter-fast pretrain: error: ") and "bad.json: learning_rate must be a number > 0" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    config = _small_config(tmp_path)
+    config = pretrain_config_file(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}\n")  # an earlier run
     assert main(["pretrain", "--config", str(config)]) == 1

@@ -137,11 +137,11 @@ class _Batch:
 
 def _fake_run(tmp_path, monkeypatch, clock=None, rank=(0, 1), **changes):
     """pretrain() with everything but the loop replaced: returns (metrics, what the fakes saw)."""
-    seen = {"validate": [], "tokens": [], "seed": [], "streams": [], "saved": []}
+    seen = {"validate": [], "tokens": [], "seed": [], "streams": [], "saved": [], "states": []}
     data = SimpleNamespace(train=SimpleNamespace(shard=lambda r, w: ("shard", r, w), images={}), val=None,
                            vocab_size=50, retrieval_image_ids=["a", "b"], retrieval_texts=[])
 
-    def batches(streams, sampler, cfg, ahead, pin_to=None):
+    def batches(streams, sampler, cfg, ahead, pin_to=None, start=0):
         for n in range(cfg.num_train_steps * cfg.gradient_accumulation_steps):
             seen["tokens"].append(100 + 7 * n)
             yield _Batch(100 + 7 * n)
@@ -160,7 +160,7 @@ def _fake_run(tmp_path, monkeypatch, clock=None, rank=(0, 1), **changes):
 
     def streams(corpus, *rest):
         seen["streams"].append(corpus)
-        return SimpleNamespace(options=None)
+        return SimpleNamespace(options=None, fast_forward=lambda sampler, updates: None)
 
     for name, value in (("init_distributed", lambda: (*rank, torch.device("cpu"))), ("build_data", lambda cfg: data),
                         ("_check_batching", lambda d, c: None), ("_check_captions", lambda d, t: None),
@@ -170,6 +170,7 @@ def _fake_run(tmp_path, monkeypatch, clock=None, rank=(0, 1), **changes):
                         ("retrieval_eval", lambda *a: {"ir_r1": 0.0}), ("full_parameters", lambda m: nullcontext()),
                         ("_write_run_files", lambda *a: seen.setdefault("run_files", a)),
                         ("_save_model", lambda model, out, step, rank: seen["saved"].append((step, rank))),
+                        ("save_state", lambda engine, out, run, *a: seen["states"].append(run.update)),
                         ("_write_results", lambda *a: seen.setdefault("written", a))):
         monkeypatch.setattr(loop, name, value)
     if clock is not None:
@@ -186,6 +187,7 @@ def test_validation_in_the_loop_skips_the_last_update(tmp_path, monkeypatch):
     history = seen["written"][1]
     assert [r["step"] for r in history if r["task"] == "validation"] == [3]
     assert seen["saved"] == [(3, 0), (6, 0)]  # a checkpoint at each validation, the original's, and at the end
+    assert seen["states"] == [3]  # a state to resume from at each validation, none at the end
     assert len(seen["validate"]) == 2 and all(kw["num_batches"] == 5 for kw in seen["validate"])
     assert metrics["validation"] == {"mlm": {"loss": 0.0}}
 

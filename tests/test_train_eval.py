@@ -183,8 +183,8 @@ def test_the_run_makes_batches_ahead_as_configured(tmp_path, monkeypatch):
     class Seen(Exception):
         pass
 
-    def spy(streams, sampler, cfg, prefetch, pin_to=None):
-        seen.append((prefetch, pin_to))
+    def spy(streams, sampler, cfg, prefetch, pin_to=None, start=0):
+        seen.append((prefetch, pin_to, start))
         raise Seen
 
     monkeypatch.setattr(loop, "training_batches", spy)
@@ -193,7 +193,7 @@ def test_the_run_makes_batches_ahead_as_configured(tmp_path, monkeypatch):
                           prefetch_batches=value)
         with pytest.raises(Seen):
             loop.pretrain(cfg, progress=False)
-    assert seen == [(0, None), (3, None), (0, None)]
+    assert seen == [(0, None, 0), (3, None, 0), (0, None, 0)]
 
 
 @pytest.fixture(scope="module")

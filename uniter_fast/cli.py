@@ -34,7 +34,7 @@ def _pretrain(args: argparse.Namespace) -> int:
                                      ("precision", args.precision), ("compile", args.compile),
                                      ("prefetch_batches", args.prefetch_batches)) if v is not None}
         cfg = cfg.replace(**changes)
-        metrics = pretrain(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        metrics = pretrain(cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume)
         _all_ranks_done()
     except INPUT_ERRORS as err:
         return _input_error("uniter-fast pretrain", err)
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty output_dir: this run's files replace an earlier run's of the same name")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output_dir from its newest saved state (saved at each validation and "
+                        "every save_steps updates): the same config, and as many ranks")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=_pretrain)
 

@@ -9,7 +9,8 @@ page faults for a 23 MB batch), where the collate itself takes 6-14 ms (benchmar
 """
 from __future__ import annotations
 
-from collections import defaultdict
+import itertools
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -52,6 +53,14 @@ class TaskStreams:
         self.drawn[task] += 1
         return BatchPlan(task, indices, seed)
 
+    def fast_forward(self, sampler: TaskSampler, updates: int) -> None:
+        """Draw the batches of the first `updates` updates without planning or making them: a resumed run's data
+        position (each task's stream is its own, so only how many each task drew matters)."""
+        for task, count in Counter(sampler.task_for(u) for u in range(updates)).items():
+            count *= self.cfg.gradient_accumulation_steps
+            deque(itertools.islice(self.iters[task], count), maxlen=0)
+            self.drawn[task] += count
+
     def make(self, plan: BatchPlan) -> PretrainBatch:
         return make_task_batch(self.corpus, plan.task, list(plan.indices), np.random.default_rng(list(plan.seed)),
                                self.options)
@@ -61,15 +70,16 @@ class TaskStreams:
 
 
 def training_batches(streams: TaskStreams, sampler: TaskSampler, cfg: PretrainConfig, prefetch: int,
-                     pin_to: torch.device | None = None) -> Iterator[PretrainBatch]:
-    """The run's micro-batches in order: gradient_accumulation_steps of sampler.task_for(update) per update.
+                     pin_to: torch.device | None = None, start: int = 0) -> Iterator[PretrainBatch]:
+    """The run's micro-batches in order from update `start` (streams already fast-forwarded to it):
+    gradient_accumulation_steps of sampler.task_for(update) per update.
 
     prefetch 0: each made when asked for. Otherwise a thread makes them ahead (`prefetch` ready, one more being
     made) while the caller waits on its step (the store's reads, index copies and pinning release the GIL).
     pin_to (a GPU): each batch is also copied into page-locked memory, so the step's copy to it is asynchronous.
     An error making a batch is raised here, when that batch is asked for; close() stops the thread.
     """
-    plans = (streams.plan(sampler.task_for(update)) for update in range(cfg.num_train_steps)
+    plans = (streams.plan(sampler.task_for(update)) for update in range(start, cfg.num_train_steps)
              for _ in range(cfg.gradient_accumulation_steps))
     made = (streams.make(plan) for plan in plans)  # a generator: close() ends it, as it does Ahead
     if pin_to is not None:

@@ -135,6 +135,9 @@ class PretrainConfig:
     seed: int = 42
     output_dir: str = "runs/pretrain"
     log_every: int = 10
+    # ours: a resumable training state (uniter_fast/train/state.py) every this many updates, beside the one saved
+    # at each validation; 0: at validations only
+    save_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_mix(self.tasks, "tasks")
@@ -155,7 +158,7 @@ class PretrainConfig:
         _check_compile(self.compile, self.zero_stage)
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_steps", "log_every"):
             _check_int(getattr(self, name), name, least=1)
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "save_steps"):
             _check_int(getattr(self, name), name, least=0)
         if self.prefetch_batches is not None:
             _check_int(self.prefetch_batches, "prefetch_batches", least=0)

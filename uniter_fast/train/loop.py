@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from uniter_fast.objectives.tasks import TEXT_MASKED
 from uniter_fast.train.batches import TaskStreams, training_batches
 from uniter_fast.train.config import PretrainConfig
 from uniter_fast.train.engine import build_engine, clear_stale_gradients, full_parameters, init_distributed
+from uniter_fast.train.state import RunState, load_state, newest_complete, save_state
 from uniter_fast.train.tasks import TaskSampler
 
 log = logging.getLogger("uniter_fast.train")
@@ -184,13 +185,20 @@ def retrieval_eval(model, data: PretrainData, num_images: int, device: torch.dev
     return recall_at_k(scores, list(range(len(image_ids))))
 
 
-def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = False, resume: bool = False) -> dict:
     """Run pre-training as configured. Rank 0 writes to output_dir the run's and the model's configs (before
     training), the checkpoint ckpt/model_step_{N}.pt at each validation and at the end (the original's), then
-    metrics.json, history.json and curves.png. output_dir must be empty or absent unless `overwrite` (then the
-    run's files replace those of the same name)."""
+    metrics.json, history.json and curves.png; every rank saves its part of a resumable state at each validation
+    and every save_steps updates (resume/step_{N}, state.py). output_dir must be empty or absent unless `overwrite`
+    (then the run's files replace those of the same name) or `resume`: the run in output_dir continues from its
+    newest complete state, with the same batches, random draws and updates as a run never stopped."""
     out_dir = Path(cfg.output_dir)
-    _claim_output_dir(out_dir, overwrite)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in output_dir and --overwrite starts a new one there: give one")
+    if resume:
+        newest_complete(out_dir)  # no state to resume from is an error before any set-up
+    else:
+        _claim_output_dir(out_dir, overwrite)
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
@@ -207,20 +215,36 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
         # in place: the parameters keep their names; dynamic: every batch has its own token count
         model.uniter.encoder.compile(backend=cfg.compile, dynamic=True)
     engine = build_engine(model.to(device), cfg)
-    if rank == 0:  # before training: a checkpoint written mid-run is loadable with these
-        _write_run_files(out_dir, cfg, model, data)
     tasks = _all_tasks(cfg)
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
     sampler = TaskSampler(cfg.tasks, cfg.seed, cfg.task_phases)
+    # last before training: it restores the random state the saved run had after its last update
+    run = load_state(engine, out_dir, cfg.to_dict(), rank, world_size) if resume else RunState(0, 0, 0.0, [], {})
+    streams.fast_forward(sampler, run.update)
+    if resume and dict(streams.drawn) != run.drawn:
+        raise ValueError(f"--resume: the tasks of updates 1-{run.update} drawn again give {dict(streams.drawn)} "
+                         f"batches per task, the saved run trained on {run.drawn}: the task sampler has changed")
+    if rank == 0:  # before training: a checkpoint written mid-run is loadable with these
+        _write_run_files(out_dir, cfg, model, data)
 
-    history: list[dict] = []
-    recent: dict[str, deque] = {t: deque(maxlen=20) for t in tasks}
+    history, tokens, drawn = run.history, run.tokens, Counter(run.drawn)
+    recent: dict[str, deque] = {t: deque([r["loss"] for r in history if r["task"] == t], maxlen=20) for t in tasks}
     pending: list[tuple[int, str, dict]] = []  # metrics still on the device, read every log_every updates
     started = time.time()
-    tokens = 0
     ahead = cfg.prefetch_batches if cfg.prefetch_batches is not None else (2 if device.type == "cuda" else 0)
-    batches = training_batches(streams, sampler, cfg, ahead, pin_to=device if device.type == "cuda" and ahead else None)
-    bar = tqdm(range(cfg.num_train_steps), desc="pretrain", disable=not progress or rank != 0, dynamic_ncols=True)
+    batches = training_batches(streams, sampler, cfg, ahead, pin_to=device if device.type == "cuda" and ahead else None,
+                               start=run.update)
+    bar = tqdm(range(run.update, cfg.num_train_steps), initial=run.update, total=cfg.num_train_steps, desc="pretrain",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+
+    def read_pending() -> dict[str, str]:
+        for step, t, metrics in pending:
+            row = {"step": step, "task": t, **{k: float(v) for k, v in metrics.items()}}
+            history.append(row)
+            recent[t].append(row["loss"])
+        pending.clear()
+        return {t: f"{np.mean(v):.3f}" for t, v in recent.items() if v}
+
     try:
         for update in bar:
             task = sampler.task_for(update)
@@ -231,25 +255,30 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
                 out = engine(batch.to(device, non_blocking=True))  # asynchronous from pinned memory
                 engine.backward(out.loss, scale_wrt_gas=False)  # the original sums gradients over accumulation
                 engine.step()
+            drawn[task] += cfg.gradient_accumulation_steps
             pending.append((update + 1, task, out.metrics))
-            if (update + 1) % cfg.log_every == 0 or update + 1 == cfg.num_train_steps:
-                for step, t, metrics in pending:
-                    row = {"step": step, "task": t, **{k: float(v) for k, v in metrics.items()}}
-                    history.append(row)
-                    recent[t].append(row["loss"])
-                pending.clear()
-                postfix = {t: f"{np.mean(v):.3f}" for t, v in recent.items() if v}
+            done = update + 1
+            if done % cfg.log_every == 0 or done == cfg.num_train_steps:
+                postfix = read_pending()
                 bar.set_postfix(postfix)
                 if bar.disable and rank == 0:  # no bar (a launcher, a log file): one line per log interval
-                    log.info("update %d/%d losses %s", update + 1, cfg.num_train_steps, postfix)
-            if cfg.eval.valid_steps and (update + 1) % cfg.eval.valid_steps == 0 and update + 1 < cfg.num_train_steps:
+                    log.info("update %d/%d losses %s", done, cfg.num_train_steps, postfix)
+            mid_run = done < cfg.num_train_steps  # the end validates and saves the model below
+            validating = mid_run and cfg.eval.valid_steps and done % cfg.eval.valid_steps == 0
+            saving = validating or (mid_run and cfg.save_steps and done % cfg.save_steps == 0)
+            if saving:
+                read_pending()  # the history the state holds is complete, in update order
+            if validating:
                 val = validate(engine.module, data.val, tasks, batch_tokens=cfg.train_batch_size,
                                num_batches=cfg.eval.val_batches, options=streams.options, device=device, seed=cfg.seed)
-                history.append({"step": update + 1, "task": "validation", "val": val})
-                _save_model(engine.module, out_dir, update + 1, rank)  # the original's checkpoint at each validation
+                history.append({"step": done, "task": "validation", "val": val})
+                _save_model(engine.module, out_dir, done, rank)  # the original's checkpoint at each validation
+            if saving:
+                save_state(engine, out_dir, RunState(done, tokens, run.seconds + time.time() - started, history,
+                                                     dict(drawn)), cfg.to_dict(), rank, world_size)
     finally:  # a step that fails leaves no thread making batches
         batches.close()
-    elapsed = time.time() - started
+    elapsed = run.seconds + time.time() - started
 
     model = engine.module
     metrics = {
