@@ -141,7 +141,7 @@ def test_the_command_line_overrides_only_what_it_is_given(tmp_path, monkeypatch)
 
     seen = []
 
-    def fake_pretrain(cfg, progress, overwrite):
+    def fake_pretrain(cfg, progress, overwrite, resume):
         seen.append(cfg)
         return {"validation": {}, "zero_shot_retrieval": {}}
 
