@@ -102,7 +102,9 @@ def clear_stale_gradients(engine) -> None:
     """Call before each update's first backward. Under ZeRO-3, DeepSpeed (0.19.8, measured) steps a parameter that
     got no gradient in an update with the gradient partition it got last, still in the optimizer's flat buffer:
     UNITER trains one task's head per update, so every other head would be stepped again with its old gradient.
-    Zeroed, the buffer gives those parameters a zero gradient, as stages 0-2 do. A no-op below stage 3."""
+    Zeroed, the buffer gives those parameters a zero gradient, as stages 0-2 do and as the original does (apex O2's
+    zero_grad zeroes the model's gradients in place, so its AdamW steps an unused head with a zero gradient).
+    A no-op below stage 3."""
     if engine.zero_optimization_stage() != 3:
         return
     buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
