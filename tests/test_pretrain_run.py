@@ -82,9 +82,14 @@ def test_the_readmes_launcher_command_trains_on_two_cpu_ranks_with_zero3_and_res
     """`deepspeed --num_gpus 2 --module uniter_fast.cli pretrain` as the README gives it, on CPU ranks: each rank
     holds half of every parameter under ZeRO-3, and rank 0 writes them whole after gathering, mid-run (validation
     at update 3) and at the end. Then --resume from the state saved at that validation (each rank's partition of
-    the weights and the optimizer, its random state) ends with the same weights and history, bit for bit."""
+    the weights and the optimizer, its random state: dropout is on) ends with the same weights and history, bit for
+    bit."""
+    dropout = {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     path = pretrain_config_file(tmp_path, zero_stage=3, num_train_steps=6, log_every=3,
-                                eval={"val_batches": 2, "retrieval_images": 10, "valid_steps": 3})
+                                eval={"val_batches": 2, "retrieval_images": 10, "valid_steps": 3},
+                                model={"preset": "tiny", "overrides": {"hidden_size": 64, "num_hidden_layers": 2,
+                                                                       "num_attention_heads": 4,
+                                                                       "intermediate_size": 128, **dropout}})
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     env.pop("WORLD_SIZE", None)
     launcher = shutil.which("deepspeed")

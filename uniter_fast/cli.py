@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override prefetch_batches: batches a thread makes ahead (default 2 on a GPU, 0 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per interval instead)")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty output_dir: this run's files replace an earlier run's of the same name")
+                   help="write into a non-empty output_dir: this run's files replace an earlier run's of the same name, "
+                        "and the earlier run's states to resume from are removed")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in output_dir from its newest saved state (saved at each validation and "
                         "every save_steps updates): the same config, and as many ranks")

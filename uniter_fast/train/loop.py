@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from uniter_fast.objectives.tasks import TEXT_MASKED
 from uniter_fast.train.batches import TaskStreams, training_batches
 from uniter_fast.train.config import PretrainConfig
 from uniter_fast.train.engine import build_engine, clear_stale_gradients, full_parameters, init_distributed
-from uniter_fast.train.state import RunState, load_state, newest_complete, save_state
+from uniter_fast.train.state import RESUME_DIR, RunState, load_state, newest_complete, save_state
 from uniter_fast.train.tasks import TaskSampler
 
 log = logging.getLogger("uniter_fast.train")
@@ -196,9 +197,10 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     if resume and overwrite:
         raise ValueError("--resume continues the run in output_dir and --overwrite starts a new one there: give one")
     if resume:
-        newest_complete(out_dir)  # no state to resume from is an error before any set-up
+        resume_from = newest_complete(out_dir)  # no state to resume from is an error before any set-up
     else:
         _claim_output_dir(out_dir, overwrite)
+        shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)  # an overwritten run's: --resume must not take them
     rank, world_size, device = init_distributed()
     torch.manual_seed(cfg.seed)
     data = build_data(cfg)
@@ -219,7 +221,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True, overwrite: bool = Fa
     streams = TaskStreams(data.train.shard(rank, world_size), tasks, cfg, rank)
     sampler = TaskSampler(cfg.tasks, cfg.seed, cfg.task_phases)
     # last before training: it restores the random state the saved run had after its last update
-    run = load_state(engine, out_dir, cfg.to_dict(), rank, world_size) if resume else RunState(0, 0, 0.0, [], {})
+    run = load_state(engine, resume_from, cfg.to_dict(), rank, world_size) if resume else RunState(0, 0, 0.0, [], {})
     streams.fast_forward(sampler, run.update)
     if resume and dict(streams.drawn) != run.drawn:
         raise ValueError(f"--resume: the tasks of updates 1-{run.update} drawn again give {dict(streams.drawn)} "

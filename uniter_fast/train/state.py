@@ -25,7 +25,8 @@ RESUME_DIR = "resume"
 KEEP = 2
 MARK = "run_state.json"
 # config keys a resumed run may change: none of them changes which batches are drawn or what a step computes
-FREE_KEYS = ("output_dir", "prefetch_batches", "log_every")
+FREE_KEYS = ("output_dir", "prefetch_batches", "log_every", "save_steps")
+MARK_KEYS = ("update", "seconds", "drawn", "world_size", "config")
 
 
 @dataclass
@@ -70,6 +71,7 @@ def save_state(engine, out_dir: Path, state: RunState, config: dict, rank: int, 
         kept = [p for _, p in state_dirs(out_dir) if (p / MARK).exists()][:KEEP]
         for update, old in state_dirs(out_dir):
             if update < state.update and old not in kept:  # older complete states, and any cut short
+                (old / MARK).unlink(missing_ok=True)  # first: a deletion cut short leaves no complete-looking state
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return root / tag
@@ -99,18 +101,25 @@ def newest_complete(out_dir: Path) -> Path:
                             "each validation (eval.valid_steps) and every save_steps updates")
 
 
+def _damaged(path: Path, why: str) -> ValueError:
+    return ValueError(f"--resume: {path} {why}: the state in {path.parent} is damaged")
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"--resume: {path} is not valid JSON ({err}): the state in {path.parent} is damaged") from None
+        raise _damaged(path, f"is not valid JSON ({err})") from None
 
 
-def load_state(engine, out_dir: Path, config: dict, rank: int, world_size: int) -> RunState:
-    """Every rank calls it together, after the engine is built: restores the engine and this rank's random state
-    and returns the run's state. The run must be the saved one: the same config (but FREE_KEYS), the same ranks."""
-    path = newest_complete(out_dir)
+def load_state(engine, path: Path, config: dict, rank: int, world_size: int) -> RunState:
+    """Every rank calls it together, after the engine is built, with the state to resume from (newest_complete):
+    restores the engine and this rank's random state and returns the run's state. The run must be the saved one:
+    the same config (but FREE_KEYS), the same ranks."""
     mark = _read_json(path / MARK)
+    missing = [k for k in MARK_KEYS if k not in mark] if isinstance(mark, dict) else list(MARK_KEYS)
+    if missing:
+        raise _damaged(path / MARK, f"lacks {missing}")
     if mark["world_size"] != world_size:
         raise ValueError(f"--resume: {path} was saved by {mark['world_size']} ranks and this run has {world_size}: "
                          "resume with as many (each rank trains on its own shard, and ZeRO partitions by rank)")
@@ -122,10 +131,15 @@ def load_state(engine, out_dir: Path, config: dict, rank: int, world_size: int) 
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.exists():
         raise FileNotFoundError(f"--resume: {rank_file} is missing: the state in {path} is damaged")
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if loaded is None:
-        raise FileNotFoundError(f"--resume: DeepSpeed found no checkpoint in {path}")
-    rng = torch.load(rank_file, weights_only=True)
+    try:
+        rng = torch.load(rank_file, weights_only=True)
+    except Exception as err:  # whatever unpickling a damaged file raises
+        raise _damaged(rank_file, f"cannot be read as a torch file ({type(err).__name__})") from None
+    try:
+        engine.load_checkpoint(str(path.parent), tag=path.name)
+    except AssertionError as err:  # DeepSpeed asserts, without a message, that it found its model states file
+        raise FileNotFoundError(f"--resume: DeepSpeed found no checkpoint to load in {path} ({err!r}): the state is "
+                                "damaged") from None
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
